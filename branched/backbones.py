@@ -126,6 +126,11 @@ class _CifarResNet(models.ResNet):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
 
 _CIFAR_RESNET_DEPTHS = (20, 32, 56, 110)
 _TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101",

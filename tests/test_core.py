@@ -1,0 +1,204 @@
+"""Correctness of the core: blocks reproduce torchvision, routing is per-sample, cost is counted."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from branched.backbones import build_backbone
+from branched.cost import count_flops
+from branched.exits import ExitSpec
+from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.routing import exit_score, resolve_thresholds
+
+# One member of each family, at the smallest input that keeps its shapes meaningful.
+FAMILIES = [("cifar_resnet20", 32), ("resnet18", 64), ("cifar_vgg11_bn", 32), ("cifar_densenet121", 32)]
+
+
+def make_model(name: str, size: int, n_exits: int = 2, kind: str = "conv") -> BranchedModel:
+    """A branched model on an untrained backbone with random BN statistics (so BN is not the identity).
+
+    The torchvision model the blocks were cut from stays reachable as ``model.source``.
+    """
+    bb = build_backbone(name, 10)
+    for m in bb.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    cfg = ModelConfig(backbone=name, num_classes=10, input_size=size,
+                      exits=place_exits(bb, size, n_exits, kind=kind))
+    model = BranchedModel(cfg, bb).eval()
+    model.__dict__["source"] = bb.model.eval()  # a plain attribute, not a registered submodule
+    return model
+
+
+def median_thresholds(model: BranchedModel, x: torch.Tensor) -> list[float]:
+    """Thresholds that let about half of the samples out at each exit."""
+    with torch.no_grad():
+        outs = model(x)
+    return [float(exit_score(o, model.config.policy).median()) for o in outs[:-1]]
+
+
+@pytest.fixture(scope="module", params=FAMILIES, ids=[f for f, _ in FAMILIES])
+def family(request):
+    name, size = request.param
+    return make_model(name, size), size
+
+
+def test_blocks_reproduce_the_torchvision_forward(family):
+    model, size = family
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone_forward(x), model.source(x))
+
+
+def test_batch_answers_equal_single_answers(family):
+    model, size = family
+    x = torch.randn(12, 3, size, size)
+    thr = median_thresholds(model, x)
+    batch = model.routed_forward(x, thr)
+    assert len(set(batch.exit_index.tolist())) > 1, "thresholds should spread samples over exits"
+    for i in range(len(x)):
+        alone = model.routed_forward(x[i:i + 1], thr)
+        assert alone.exit_index.item() == batch.exit_index[i].item()
+        assert alone.class_index.item() == batch.class_index[i].item()
+        torch.testing.assert_close(alone.logits[0], batch.logits[i], rtol=1e-4, atol=1e-4)
+        assert alone.flops.item() == batch.flops[i].item()
+
+
+def test_unreachable_thresholds_give_the_backbone(family):
+    model, size = family
+    x = torch.randn(5, 3, size, size)
+    out = model.routed_forward(x, [math.inf] * (model.num_exits - 1))
+    assert (out.exit_index == model.num_exits - 1).all()
+    torch.testing.assert_close(out.logits, model.backbone_forward(x))
+    expected = model.cost.exit_cost(model.num_exits - 1)
+    assert torch.allclose(out.flops, torch.full((5,), float(expected), dtype=torch.float64))
+
+
+def test_all_exit_at_zero_later_segments_do_no_work(family):
+    model, size = family
+    calls = []
+    hooks = [seg.register_forward_hook(lambda *a, k=k: calls.append(k)) for k, seg in enumerate(model.segments)]
+    x = torch.randn(4, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = model.routed_forward(x, [0.0] * (model.num_exits - 1))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert (out.exit_index == 0).all()
+    assert calls == [0]
+    assert counter.get_total_flops() == 4 * model.cost.exit_cost(0)
+    torch.testing.assert_close(out.cost_fraction, torch.full((4,), model.cost.exit_cost_fractions()[0],
+                                                             dtype=torch.float64))
+
+
+def test_cost_table_matches_the_flop_counter(family):
+    model, size = family
+    x = torch.zeros(1, 3, size, size)
+    with torch.no_grad():
+        whole = count_flops(torch.nn.Sequential(*[m for seg in model.segments for m in seg.blocks],
+                                                model.exits[-1]), x)
+    assert model.cost.backbone_flops == whole
+    fractions = model.cost.exit_cost_fractions()
+    assert fractions == sorted(fractions) and fractions[0] < 1 < fractions[-1]
+
+
+def test_routed_cost_is_what_the_counter_sees():
+    model = make_model("cifar_resnet20", 32, n_exits=3)
+    x = torch.randn(16, 3, 32, 32)
+    thr = median_thresholds(model, x)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model.routed_forward(x, thr)
+    assert counter.get_total_flops() == int(out.flops.sum())
+
+
+def test_optimized_model_keeps_answers():
+    model = make_model("cifar_resnet20", 32, n_exits=3)
+    x = torch.randn(16, 3, 32, 32)
+    thr = median_thresholds(model, x)
+    before = model.routed_forward(x, thr)
+    model.optimize_for_inference()
+    after = model.routed_forward(x, thr)
+    assert torch.equal(before.exit_index, after.exit_index)
+    torch.testing.assert_close(before.logits, after.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["confidence", "max_softmax", "entropy"])
+def test_policies_score_in_unit_interval_and_route(policy):
+    model = make_model("cifar_resnet20", 32)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        scores = [exit_score(o, policy) for o in model(x)]
+    for s in scores:
+        assert s.shape == (8,) and bool(((s >= 0) & (s <= 1)).all())
+    thr = [float(scores[0].median()), 0.0]
+    out = model.routed_forward(x, thr, policy=policy)
+    assert torch.equal(out.exit_index == 0, scores[0] >= thr[0])
+
+
+def test_linear_exits_route_too():
+    model = make_model("cifar_resnet20", 32, kind="linear")
+    out = model.routed_forward(torch.randn(4, 3, 32, 32), [0.0, 0.0])
+    assert (out.exit_index == 0).all()
+
+
+@pytest.mark.parametrize("bad", [[0.5], [0.5, float("nan")], [1.5, 0.2], [-0.1, 0.2]])
+def test_bad_thresholds_are_rejected(bad):
+    with pytest.raises(ValueError, match="threshold"):
+        resolve_thresholds(bad, [0.5, 0.5])
+
+
+def test_frozen_backbone_keeps_weights_and_bn_statistics():
+    model = make_model("cifar_resnet20", 32).freeze_backbone()
+    model.train()
+    before = {k: v.clone() for k, v in model.segments.state_dict().items()}
+    head_before = {k: v.clone() for k, v in model.exits[-1].state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    outs = model(torch.randn(8, 3, 32, 32))
+    sum(o.logits.sum() + (o.confidence.sum() if o.confidence is not None else 0) for o in outs).backward()
+    opt.step()
+    for k, v in model.segments.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in model.exits[-1].state_dict().items():
+        assert torch.equal(v, head_before[k]), k
+    assert model.exits[0].training and not model.segments[0].training
+    assert any(p.grad is not None for p in model.exits[0].parameters())
+
+
+@pytest.mark.parametrize("spacing", ["even", "pareto"])
+def test_exit_placement_by_flops_share(spacing):
+    bb = build_backbone("cifar_resnet56", 10)
+    specs = place_exits(bb, 32, 3, spacing=spacing)
+    idx = [bb.block_names.index(s.after) for s in specs]
+    assert idx == sorted(set(idx)) and len(idx) == 3
+    model = BranchedModel(ModelConfig(backbone="cifar_resnet56", num_classes=10, exits=specs), bb)
+    seg_share = [sum(model.cost.segment_flops[:k + 1]) / sum(model.cost.segment_flops) for k in range(3)]
+    targets = [(i / 4) ** (2 if spacing == "pareto" else 1) for i in (1, 2, 3)]
+    for share, target in zip(seg_share, targets):
+        assert abs(share - target) < 0.08
+
+
+def test_exits_by_name_and_bad_names():
+    bb = build_backbone("cifar_resnet20", 10)
+    model = BranchedModel(ModelConfig(backbone="cifar_resnet20", num_classes=10,
+                                      exits=[ExitSpec("layer1.2"), ExitSpec("layer2.2")]), bb)
+    assert [s.names[-1] for s in model.segments[:2]] == ["layer1.2", "layer2.2"]
+    with pytest.raises(ValueError, match="no such block"):
+        BranchedModel(ModelConfig(backbone="cifar_resnet20", num_classes=10, exits=[ExitSpec("layer9.9")]),
+                      build_backbone("cifar_resnet20", 10))
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("alexnet", 10)
+
+
+def test_baseline_shares_weights_and_answers():
+    model = make_model("cifar_resnet20", 32)
+    baseline = model.without_exits()
+    x = torch.randn(4, 3, 32, 32)
+    assert baseline.num_exits == 1
+    torch.testing.assert_close(baseline.routed_forward(x).logits, model.backbone_forward(x))
+    assert baseline.cost.backbone_flops == model.cost.backbone_flops
+    assert baseline.segments[0].blocks[0] is model.segments[0].blocks[0]
