@@ -325,7 +325,8 @@ class BranchedModel(nn.Module):
         Args:
             k: stage index, ``0 <= k < num_exits``.
             features: the stage's input: images for ``k == 0``, else the previous survivors' features.
-            thresholds: validated side-exit thresholds (:func:`branched.routing.resolve_thresholds`).
+            thresholds: validated side-exit thresholds (:func:`branched.routing.resolve_thresholds`),
+                ``[K-1]`` for the whole batch or ``[B_k, K-1]``, one row per sample of this batch.
             policy: exit policy name; the model's own by default.
             flops: FLOPs already spent on each sample (zeros for ``k == 0``).
 
@@ -343,7 +344,7 @@ class BranchedModel(nn.Module):
         if k == self.num_exits - 1:
             leave = torch.ones(n, dtype=torch.bool, device=h.device)
         else:
-            leave = score >= thresholds[k]
+            leave = score >= (thresholds[:, k] if thresholds.dim() == 2 else thresholds[k])
         n_exit = int(leave.sum())
         if n_exit == n:  # nothing to compact
             everyone = torch.arange(n, device=h.device)
@@ -364,7 +365,8 @@ class BranchedModel(nn.Module):
 
         Args:
             x: images ``[B, 3, H, W]``, normalised as the model expects.
-            thresholds: per side exit, overriding the model's calibrated ones for this call.
+            thresholds: per side exit, ``[K-1]`` or one row per sample ``[B, K-1]``, overriding the
+                model's calibrated ones for this call.
             policy: exit policy, overriding the model's for this call.
 
         Returns:
@@ -372,6 +374,8 @@ class BranchedModel(nn.Module):
         """
         thr = resolve_thresholds(thresholds, self.config.thresholds).to(x.device)
         n = x.shape[0]
+        if thr.dim() == 2 and thr.shape[0] != n:
+            raise ValueError(f"{thr.shape[0]} threshold rows for a batch of {n}")
         logits = x.new_empty(n, self.config.num_classes)
         exit_index = torch.empty(n, dtype=torch.long, device=x.device)
         score = x.new_empty(n)
@@ -388,7 +392,10 @@ class BranchedModel(nn.Module):
                 spent[where] = r.exited_flops
             if r.survivors.numel() == 0:
                 break
-            active = active if r.survivors.numel() == active.numel() else active.index_select(0, r.survivors)
+            if r.survivors.numel() != active.numel():
+                active = active.index_select(0, r.survivors)
+                if thr.dim() == 2:
+                    thr = thr.index_select(0, r.survivors)
             features, flops = r.features, r.survivor_flops
         return RoutedOutput(logits, exit_index, score, spent, float(self.cost.backbone_flops))
 

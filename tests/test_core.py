@@ -202,3 +202,15 @@ def test_baseline_shares_weights_and_answers():
     torch.testing.assert_close(baseline.routed_forward(x).logits, model.backbone_forward(x))
     assert baseline.cost.backbone_flops == model.cost.backbone_flops
     assert baseline.segments[0].blocks[0] is model.segments[0].blocks[0]
+
+
+def test_per_sample_thresholds_route_each_sample_by_its_own_row():
+    model = make_model("cifar_resnet20", 32)
+    x = torch.randn(6, 3, 32, 32)
+    rows = torch.tensor([[0.0, 0.0], [math.inf, math.inf], [math.inf, 0.0]] * 2)
+    out = model.routed_forward(x, rows)
+    assert out.exit_index.tolist() == [0, 2, 1] * 2
+    for i in range(6):
+        alone = model.routed_forward(x[i:i + 1], rows[i])
+        assert alone.exit_index.item() == out.exit_index[i].item()
+        torch.testing.assert_close(alone.logits[0], out.logits[i], rtol=1e-4, atol=1e-4)
