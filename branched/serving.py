@@ -14,11 +14,12 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from .artifact import load_model
+from .body import Body, image_from_body
 from .model import BranchedModel
 from .preprocess import ImageError, ImageLimits, Preprocessor
 from .routing import resolve_thresholds, thresholds_from_params
 
-__all__ = ["Prepared", "RequestError", "Predictor"]
+__all__ = ["Prepared", "RequestError", "Predictor", "extract_image"]
 
 
 class RequestError(ValueError):
@@ -35,6 +36,22 @@ class Prepared:
 
     image: torch.Tensor
     thresholds: torch.Tensor
+
+
+def extract_image(body: Body, content_type: str = "") -> bytes:
+    """The image bytes of a request body: raw, multipart form or JSON ``{"image": "<base64>"}``.
+
+    Args:
+        body: the body as bytes (a ``str`` or already-decoded JSON value is accepted too).
+        content_type: the request's ``Content-Type`` header ('' when absent: raw image bytes).
+
+    Raises:
+        RequestError: a malformed JSON or multipart body, or one without an image (400).
+    """
+    try:
+        return image_from_body(body, content_type)
+    except ImageError as exc:
+        raise RequestError(str(exc)) from None
 
 
 class Predictor:
