@@ -1,0 +1,1 @@
+"""TorchServe adapter: the custom handler (``branched_handler``) and ``branched archive`` (``archive``)."""

@@ -1,0 +1,173 @@
+"""Start and stop a real TorchServe for tests: loopback, free ports, private temp/log dirs, no leftovers.
+
+The instance runs from the repository's ``config.properties`` with only the addresses, model store
+and metrics config path replaced, so the tests exercise the shipped configuration. Each instance
+gets its own ``TMPDIR``/``TEMP`` (TorchServe keeps its pid file, unpacked archives and worker sockets
+there), so it never collides with another TorchServe on the same machine, and it runs in its own
+process group, which :meth:`TorchServe.stop` kills after ``torchserve --stop`` as a last resort.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Mapping, Optional
+
+import requests
+
+__all__ = ["TorchServe", "free_port", "REPO_ROOT"]
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _properties(path: str) -> dict[str, str]:
+    props: dict[str, str] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                props[key.strip()] = value.strip()
+    return props
+
+
+class TorchServe:
+    """One TorchServe process tree serving ``models`` (``{name: file.mar}``) from ``model_store``.
+
+    Args:
+        model_store: directory holding the ``.mar`` files.
+        workdir: private directory for config, logs, temp files and the server's stdout.
+        models: model name -> archive file name, loaded at start.
+        config: the ``config.properties`` to start from (default: the repository's).
+    """
+
+    def __init__(self, model_store: str, workdir: str, models: Mapping[str, str],
+                 config: str = os.path.join(REPO_ROOT, "config.properties")) -> None:
+        self.model_store, self.workdir, self.models = model_store, workdir, dict(models)
+        self.props = _properties(config)
+        self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inf", "grpc_mgmt")}
+        self.tmp = os.path.join(workdir, "tmp")
+        self.logs = os.path.join(workdir, "logs")
+        self.pgid: Optional[int] = None
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['inference']}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['management']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "TMPDIR": self.tmp, "TEMP": self.tmp,
+                "LOG_LOCATION": self.logs, "METRICS_LOCATION": self.logs}
+
+    def _write_config(self) -> str:
+        props = dict(self.props)
+        metrics_config = props.get("metrics_config")
+        if metrics_config and not os.path.isabs(metrics_config):
+            props["metrics_config"] = os.path.join(REPO_ROOT, metrics_config)  # relative to the repo root
+        props.update({
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": f"http://127.0.0.1:{self.ports['metrics']}",
+            "grpc_inference_port": str(self.ports["grpc_inf"]),
+            "grpc_management_port": str(self.ports["grpc_mgmt"]),
+            "model_store": self.model_store,
+            # Worker sockets are named TEMP/.ts.sock.PORT; a private TEMP already keeps them apart.
+            "initial_worker_port": str(20000 + os.getpid() % 20000),
+        })
+        path = os.path.join(self.workdir, "config.properties")
+        with open(path, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in props.items())
+        return path
+
+    def start(self, timeout: float = 240.0) -> "TorchServe":
+        """Start and wait until every model has a READY worker.
+
+        Raises:
+            RuntimeError: TorchServe did not come up in time (the log tail is in the message).
+        """
+        os.makedirs(self.tmp, exist_ok=True)
+        os.makedirs(self.logs, exist_ok=True)
+        cmd = [TORCHSERVE, "--start", "--ts-config", self._write_config(), "--model-store", self.model_store,
+               "--models", *[f"{n}={m}" for n, m in self.models.items()], "--ncs"]
+        with open(os.path.join(self.workdir, "stdout.log"), "ab") as out:
+            # A new session: the launcher's pid is the group id the JVM and its Python workers inherit.
+            launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self._env(), stdout=out,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.pgid = launcher.pid
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self._ready(name) for name in self.models):
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"TorchServe did not get ready in {timeout:.0f}s:\n{self.log_tail()}")
+
+    def _ready(self, name: str) -> bool:
+        try:
+            r = requests.get(f"{self.management_url}/models/{name}", timeout=2)
+            workers = r.json()[0]["workers"] if r.ok else []
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            return False
+        return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+    def workers(self, name: str) -> list[dict]:
+        """The management API's worker list for model ``name``."""
+        r = requests.get(f"{self.management_url}/models/{name}", timeout=5)
+        r.raise_for_status()
+        return r.json()[0]["workers"]
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = []
+        for name in ("ts_log.log", "model_log.log"):
+            path = os.path.join(self.logs, name)
+            if os.path.isfile(path):
+                with open(path, errors="replace") as f:
+                    text.append(f"--- {name}\n" + "".join(f.readlines()[-lines:]))
+        return "\n".join(text)
+
+    def stop(self) -> None:
+        """``torchserve --stop`` for this instance, then kill whatever is left in its process group."""
+        try:
+            subprocess.run([TORCHSERVE, "--stop"], cwd=self.workdir, env=self._env(), timeout=60,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if self.pgid is None:
+            return
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _group_alive(self.pgid):
+            time.sleep(0.3)
+        if _group_alive(self.pgid):
+            try:
+                os.killpg(self.pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pgid = None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
