@@ -147,6 +147,9 @@ class BranchedHandler(BaseHandler):
         files = [k for k, v in row.items() if isinstance(v, (bytes, bytearray)) and k not in ROUTING_PARAMS]
         if len(files) == 1:
             return extract_image(row[files[0]], "")
+        if headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+            raise RequestError("the body was sent as application/x-www-form-urlencoded (curl --data-binary does "
+                               "that): send the file with `curl -T img.png` or add -H 'Content-Type: image/png'")
         fields = ", ".join(repr(k) for k in row) or "none"
         raise RequestError(f"no image in the request: send the bytes as the body, or one form field named "
                            f"{' / '.join(FORM_IMAGE_FIELDS)} (fields found: {fields})")

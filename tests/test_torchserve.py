@@ -277,6 +277,7 @@ BAD = [  # (body, headers, status, message fragment)
     ("HUGE", {}, 400, "the limit is"),
     (b'{"image": ', {"Content-Type": "application/json"}, 400, "not valid JSON"),
     (b'{"picture": "AAAA"}', {"Content-Type": "application/json"}, 400, "no image field"),
+    ("GOOD", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "curl -T"),
     ("GOOD", {"threshold": "abc"}, 400, "must be a number"),
     ("GOOD", {"thresholds": "0.5"}, 400, "expected 2"),
     ("GOOD", {"budget": "-1"}, 400, "> 0"),
