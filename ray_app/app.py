@@ -1,0 +1,378 @@
+"""Ray Serve apps: the staged early-exit app (ingress + one deployment per stage) and the baseline.
+
+Staged app (``staged_app``)::
+
+    HTTP POST /predict -> Ingress --handle--> Stage0 --handle--> Stage1 --> ... --> Stage{K-1}
+                          decode             segment 0 + exit 0  (survivors only)
+
+* ``Ingress`` turns the body into an image tensor and per-request thresholds
+  (:meth:`branched.serving.Predictor.prepare`) and sends one :class:`Sample` to stage 0.
+* ``Stage{k}`` holds backbone segment ``k`` and exit ``k``. ``@serve.batch`` gathers samples from
+  concurrent requests; one ``model.step(k, ...)`` (the core's segment step) runs on the batch in a
+  worker thread, so the replica's event loop keeps accepting requests. A sample that exits is
+  answered; a survivor's features (with its thresholds and FLOPs so far) go to stage ``k+1``
+  through a ``DeploymentHandle``, where they are batched again with other requests' survivors.
+
+Baseline app (``baseline_app``): one deployment, HTTP ``POST /predict`` (mounted at
+``/baseline``), the plain backbone batched with ``@serve.batch``.
+
+Thresholds: per request (query parameters or headers ``thresholds`` / ``threshold`` / ``budget``),
+and for the whole app through the Ingress's ``user_config`` (same keys; ``serve deploy`` with a
+changed ``user_config`` calls ``reconfigure`` without restarting anything).
+"""
+import asyncio
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, model_validator
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from branched.artifact import load_config, load_model
+from branched.model import BranchedModel, RoutedOutput, Segment
+from branched.routing import ROUTING_PARAMS, thresholds_from_params
+from branched.serving import Predictor, Prepared, RequestError, extract_image
+
+from .planner import calibrated_exit_rates, stage_flops, work_shares
+
+__all__ = ["Sample", "Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app", "keep_stage"]
+
+logger = logging.getLogger("ray.serve")
+
+#: Bodies larger than this many times the image limit are refused before they are read
+#: (base64 in JSON is 4/3 of the image; multipart adds a little).
+BODY_SLACK = 1.5
+
+
+@dataclass
+class Sample:
+    """One request's sample on its way through the stages (CPU tensors: they cross processes).
+
+    Attributes:
+        features: the stage's input for this sample, ``[C, H, W]`` (the image for stage 0).
+        thresholds: its side-exit thresholds ``[K-1]``.
+        flops: FLOPs spent on it so far; None before stage 0.
+    """
+
+    features: torch.Tensor
+    thresholds: torch.Tensor
+    flops: Optional[float] = None
+
+
+def _replica_threads() -> int:
+    """Torch threads for this replica: its whole logical CPUs (at least one)."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    except Exception:  # noqa: BLE001 - outside a Ray worker
+        cpus = 1.0
+    return max(1, int(cpus))
+
+
+def _device() -> torch.device:
+    # Ray sets CUDA_VISIBLE_DEVICES from num_gpus, so a replica without GPUs sees none.
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _Dropped(torch.nn.Module):
+    """Stands in for another stage's exit in a stage replica (no weights; never called)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential()  # what optimize_for_inference looks at
+
+
+def keep_stage(model: BranchedModel, k: int) -> BranchedModel:
+    """Drop every stage's weights but stage ``k``'s (a stage replica runs only ``model.step(k)``).
+
+    ``step(k)`` reads only segment ``k``, exit ``k`` and the FLOP table, which stay; the model can
+    still be optimised for inference afterwards (only stage ``k`` is then folded).
+    """
+    for j in range(model.num_exits):
+        if j != k:
+            model.segments[j] = Segment([])
+            model.exits[j] = _Dropped()
+    return model
+
+
+def routing_params(request: Request) -> dict[str, str]:
+    """Routing parameters of a request: query string first, then headers ``X-Threshold`` or ``threshold``."""
+    params = {}
+    for key in ROUTING_PARAMS:
+        value = request.query_params.get(key) or request.headers.get(f"x-{key}") or request.headers.get(key)
+        if value not in (None, ""):
+            params[key] = value
+    return params
+
+
+async def prepare_request(predictor: Predictor, request: Request) -> Prepared:
+    """Body -> image bytes -> :class:`Prepared` (decoding runs in a thread, off the event loop).
+
+    Raises:
+        RequestError: an oversized, malformed or non-image body, or bad routing parameters.
+    """
+    limit = predictor.preprocessor.limits.max_bytes
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > BODY_SLACK * limit:
+        raise RequestError(f"body is {length} bytes; the image limit is {limit} bytes", 413)
+    body = await request.body()
+    image = extract_image(body, request.headers.get("content-type", ""))
+    return await asyncio.to_thread(predictor.prepare, image, routing_params(request))
+
+
+def error_response(exc: RequestError) -> JSONResponse:
+    return JSONResponse({"error": str(exc), "status": exc.status}, status_code=exc.status)
+
+
+def _server_error(exc: Exception) -> JSONResponse:
+    logger.exception("prediction failed")
+    return JSONResponse({"error": f"prediction failed: {type(exc).__name__}: {exc}", "status": 500},
+                        status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+class Stage:
+    """Backbone segment ``k`` + exit ``k``, batched across requests; survivors go to stage ``k+1``.
+
+    Args:
+        model_dir: the model directory (every stage loads it and keeps only its own stage).
+        k: the stage index.
+        next_stage: handle to stage ``k+1`` (None for the last stage, which answers everything).
+        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings (also via ``user_config``).
+    """
+
+    def __init__(self, model_dir: str, k: int, next_stage: Optional[DeploymentHandle] = None,
+                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005) -> None:
+        from ray.serve import metrics
+
+        torch.set_num_threads(_replica_threads())
+        self.k = k
+        self.device = _device()
+        model = load_model(model_dir)
+        self.model = keep_stage(model, k).optimize_for_inference().to(self.device)
+        self.class_names = model.config.class_names
+        self.backbone_flops = float(model.cost.backbone_flops)
+        self.last = k == model.num_exits - 1
+        if next_stage is None and not self.last:
+            raise ValueError(f"stage {k} of {model.num_exits} needs a handle to stage {k + 1}")
+        self.next = next_stage
+        self.counts = {"samples": 0, "exited": 0, "forwarded": 0, "batches": 0, "max_batch": 0}
+        self.samples_metric = metrics.Counter(
+            "branched_stage_samples", description="Samples a stage received, answered (exited) or sent on.",
+            tag_keys=("stage", "outcome"))
+        self.batch_metric = metrics.Histogram(
+            "branched_stage_batch_size", description="Batch size of one segment step.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("stage",))
+        self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config``: ``{max_batch_size: int, batch_wait_timeout_s: float}`` (either)."""
+        if "max_batch_size" in config:
+            self.run_batch.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self.run_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    async def __call__(self, sample: Sample) -> dict[str, Any]:
+        out = await self.run_batch(sample)
+        if isinstance(out, Sample):  # a survivor: its answer comes from a later stage
+            return await self.next.remote(out)
+        return out
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def run_batch(self, samples: list[Sample]) -> list[Union[dict[str, Any], Sample]]:
+        # Torch releases the GIL; running it in a thread keeps the event loop (and batching) live.
+        return await asyncio.to_thread(self._step, samples)
+
+    @torch.inference_mode()
+    def _step(self, samples: list[Sample]) -> list[Union[dict[str, Any], Sample]]:
+        n = len(samples)
+        x = torch.stack([s.features for s in samples]).to(self.device)
+        x = x.contiguous(memory_format=self.model.memory_format)
+        thresholds = torch.stack([s.thresholds for s in samples]).to(self.device)
+        flops = None if samples[0].flops is None else torch.tensor(
+            [s.flops for s in samples], dtype=torch.float64, device=self.device)
+        r = self.model.step(self.k, x, thresholds, flops=flops)
+        results: list[Any] = [None] * n
+        if r.exited.numel():
+            exited = r.exited.tolist()
+            out = RoutedOutput(r.logits.cpu(), torch.full((len(exited),), self.k, dtype=torch.long),
+                               r.score.cpu(), r.exited_flops.cpu(), self.backbone_flops)
+            for i, answer in zip(exited, out.answers(self.class_names)):
+                results[i] = answer
+        if r.survivors.numel():
+            features, spent = r.features.cpu(), r.survivor_flops.cpu().tolist()
+            for j, i in enumerate(r.survivors.tolist()):
+                # clone: a view would pickle the whole batch's storage
+                results[i] = Sample(features[j].clone(), samples[i].thresholds, spent[j])
+        self._count(n, int(r.exited.numel()), int(r.survivors.numel()))
+        return results
+
+    def _count(self, n: int, exited: int, forwarded: int) -> None:
+        c = self.counts
+        c["samples"] += n
+        c["exited"] += exited
+        c["forwarded"] += forwarded
+        c["batches"] += 1
+        c["max_batch"] = max(c["max_batch"], n)
+        stage = str(self.k)
+        self.samples_metric.inc(n, tags={"stage": stage, "outcome": "received"})
+        if exited:
+            self.samples_metric.inc(exited, tags={"stage": stage, "outcome": "exited"})
+        if forwarded:
+            self.samples_metric.inc(forwarded, tags={"stage": stage, "outcome": "forwarded"})
+        self.batch_metric.observe(n, tags={"stage": stage})
+
+    def stats(self) -> dict[str, int]:
+        """This replica's counters: samples received, exited, forwarded; batches; largest batch."""
+        return {"stage": self.k, **self.counts}
+
+
+# ---------------------------------------------------------------------------------------------- ingress
+staged_api = FastAPI(title="branched early-exit (staged)")
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(staged_api)
+class Ingress:
+    """HTTP front of the staged app: decode, resolve thresholds, send the sample to stage 0.
+
+    Args:
+        model_dir: the model directory (for its preprocessing, limits and thresholds).
+        stage0: handle to the first stage.
+    """
+
+    def __init__(self, model_dir: str, stage0: DeploymentHandle) -> None:
+        torch.set_num_threads(_replica_threads())
+        self.predictor = Predictor(model_dir, optimize=False)
+        self.calibrated = self.predictor.default_thresholds
+        self.stage0 = stage0
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config``: app-wide ``thresholds`` (list or "0.9,0.8"), ``threshold`` or ``budget``;
+        ``{}`` restores the model's calibrated thresholds."""
+        thresholds = thresholds_from_params(config or {}, self.predictor.config)
+        self.predictor.default_thresholds = self.calibrated if thresholds is None else thresholds
+        logger.info("app thresholds: %s", self.predictor.default_thresholds.tolist())
+
+    @staged_api.api_route("/predict", methods=["POST", "PUT"])  # PUT: `curl -T img.png`, as TorchServe
+    async def predict(self, request: Request) -> Any:
+        try:
+            prepared = await prepare_request(self.predictor, request)
+        except RequestError as exc:
+            return error_response(exc)
+        try:
+            return await self.stage0.remote(Sample(prepared.image, prepared.thresholds))
+        except Exception as exc:  # noqa: BLE001 - a stage failed: a JSON 500, never a hang
+            return _server_error(exc)
+
+    @staged_api.get("/thresholds")
+    def thresholds(self) -> dict[str, Any]:
+        """The app-wide thresholds now in force (one per early exit)."""
+        return {"thresholds": [t if math.isfinite(t) else "inf" for t in self.predictor.default_thresholds.tolist()]}
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+baseline_api = FastAPI(title="branched plain backbone (baseline)")
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
+@serve.ingress(baseline_api)
+class Baseline:
+    """The plain backbone in one deployment: decode, batch with ``@serve.batch``, answer.
+
+    Args:
+        model_dir: the model directory (its exits are ignored).
+        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings.
+    """
+
+    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005) -> None:
+        torch.set_num_threads(_replica_threads())
+        self.predictor = Predictor(model_dir, baseline=True)
+        self.predictor.model.to(_device())
+        self.run_batch.set_max_batch_size(max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    @baseline_api.api_route("/predict", methods=["POST", "PUT"])
+    async def predict(self, request: Request) -> Any:
+        try:
+            prepared = await prepare_request(self.predictor, request)
+        except RequestError as exc:
+            return error_response(exc)
+        try:
+            return await self.run_batch(prepared)
+        except Exception as exc:  # noqa: BLE001
+            return _server_error(exc)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def run_batch(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._predict, prepared)
+
+    def _predict(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
+        device = next(self.predictor.model.parameters()).device
+        return self.predictor.predict([Prepared(p.image.to(device), p.thresholds.to(device)) for p in prepared])
+
+
+# ---------------------------------------------------------------------------------------------- builders
+class AppArgs(BaseModel):
+    """``args`` of both application builders (``serve run`` / ``serve deploy`` config)."""
+
+    model_dir: str = Field(description="model directory written by `branched build` (readable on every node)")
+    max_batch_size: int = Field(32, ge=1, description="@serve.batch size of every stage / the baseline")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, description="longest wait for a batch to fill")
+    max_ongoing_requests: int = Field(256, ge=1, description="per replica; >= max_batch_size or batches stay small")
+    num_cpus: float = Field(1.0, gt=0, description="logical CPUs the stages share (split by their work), "
+                                                    "or the baseline replica's; the config's deployments override")
+    routing: dict[str, Any] = Field(default_factory=dict,
+                                    description="app-wide thresholds/threshold/budget (the Ingress's user_config)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppArgs":
+        self.model_dir = os.path.abspath(os.path.expanduser(self.model_dir))
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): a replica never sees more requests at once")
+        return self
+
+
+def _args(args: Union[AppArgs, dict[str, Any]]) -> AppArgs:
+    return args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+
+
+def staged_app(args: AppArgs) -> serve.Application:
+    """Application builder: Ingress + one ``Stage{k}`` deployment per stage.
+
+    Default resources split ``args.num_cpus`` over the stages in proportion to the work that
+    reaches each (the planner's arithmetic, with the model's calibrated exit rates when it has them);
+    ``branched ray-plan`` writes explicit replicas / ``num_gpus`` for a cluster.
+    """
+    args = _args(args)
+    config = load_config(args.model_dir)  # fails early, with the fix, on a wrong path
+    stages = len(config.exits) + 1
+    _, shares = work_shares(stage_flops(config), calibrated_exit_rates(config))
+    nxt = None
+    for k in reversed(range(stages)):
+        nxt = Stage.options(
+            name=f"Stage{k}", max_ongoing_requests=args.max_ongoing_requests,
+            ray_actor_options={"num_cpus": max(0.01, round(args.num_cpus * shares[k], 2))},
+        ).bind(args.model_dir, k, nxt, args.max_batch_size, args.batch_wait_timeout_s)
+    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests,
+                           user_config=dict(args.routing)).bind(args.model_dir, nxt)
+
+
+
+
+def baseline_app(args: AppArgs) -> serve.Application:
+    """Application builder: the plain backbone in one ``Baseline`` deployment."""
+    args = _args(args)
+    load_config(args.model_dir)
+    return Baseline.options(max_ongoing_requests=args.max_ongoing_requests,
+                            ray_actor_options={"num_cpus": args.num_cpus}).bind(
+        args.model_dir, args.max_batch_size, args.batch_wait_timeout_s)

@@ -1,0 +1,113 @@
+"""``branched ray-plan``: write a Ray Serve config with each stage's resources sized to its work.
+
+Registered through the ``branched.commands`` entry-point group (pyproject.toml); importing this
+module does not import Ray.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from branched.cli import add_data_args, fail, parse_thresholds
+
+from .planner import (calibrated_exit_rates, plan_baseline, plan_cpus, plan_gpus, serve_config,
+                      stage_flops)
+
+__all__ = ["register"]
+
+
+def _exit_rates(args: argparse.Namespace, config) -> tuple[list[float], str]:
+    """Exit rates from --exit-rates, else the model's calibration, else an evaluation on a split."""
+    if args.exit_rates:
+        return args.exit_rates, "--exit-rates"
+    if args.thresholds is None and args.dataset is None and args.split == "calib":
+        rates = calibrated_exit_rates(config)
+        if rates:
+            return rates, "the model's calibration"
+    if not (args.dataset or config.meta.get("dataset")):
+        fail(f"{args.model_dir} has no calibrated exit rates and does not record its dataset; "
+             "pass --exit-rates r0,...,r{K-1} or --dataset NAME to measure them")
+    from branched.artifact import load_model
+    from branched.cli import load_eval_tensors
+    from branched.evaluate import evaluate
+
+    model = load_model(args.model_dir)
+    x, y = load_eval_tensors(model, args)
+    result = evaluate(model, x, y, args.thresholds)
+    return result["exit_rates"], f"an evaluation on the {args.split} split ({result['samples']} samples)"
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import yaml
+
+    from branched.artifact import load_config
+
+    if (args.gpus is None) == (args.cpus is None):
+        fail("give the budget as exactly one of --gpus N or --cpus N")
+    config = load_config(args.model_dir)
+    flops = stage_flops(config)
+    rates, source = _exit_rates(args, config)
+    if len(rates) != len(flops):
+        fail(f"{args.model_dir} has {len(flops)} exits (last = backbone head); got {len(rates)} exit rates")
+    if args.gpus is not None:
+        plans = plan_gpus(flops, rates, args.gpus, args.cpus_per_replica)
+    else:
+        plans = plan_cpus(flops, rates, args.cpus - args.ingress_cpus * args.ingress_replicas, args.cpus_per_replica)
+    apps = set(args.apps.split(","))
+    if not apps or not apps <= {"staged", "baseline"}:
+        fail(f"--apps takes staged, baseline or staged,baseline; got {args.apps!r}")
+    baseline = plan_baseline(args.gpus or 0, args.cpus or 0.0, args.cpus_per_replica) if "baseline" in apps else None
+    doc = serve_config(args.model_dir, plans, baseline, staged="staged" in apps, ingress_replicas=args.ingress_replicas,
+                       ingress_cpus=args.ingress_cpus, host=args.host, port=args.port,
+                       max_batch_size=args.max_batch_size)
+    text = yaml.safe_dump(doc, sort_keys=False)
+    budget = f"{args.gpus} GPU(s)" if args.gpus is not None else f"{args.cpus:g} CPU(s)"
+    out = sys.stderr if args.out is None else sys.stdout
+    print(f"{args.model_dir}: {len(plans)} stages, {budget}, exit rates from {source}", file=out)
+    unit = "GPUs" if args.gpus is not None else "CPUs"
+    print(f"  {'stage':>5} {'exit rate':>9} {'reach':>7} {'GFLOPs':>9} {'work share':>10} {'replicas':>8} "
+          f"{'num_gpus':>8} {'num_cpus':>8} {unit + ' total':>10}", file=out)
+    for p, r in zip(plans, rates):
+        total = p.replicas * (p.num_gpus if args.gpus is not None else p.num_cpus)
+        print(f"  {p.stage:>5} {r:>9.3f} {p.reach:>7.3f} {p.stage_flops / 1e9:>9.4f} {p.share:>10.3f} "
+              f"{p.replicas:>8} {p.num_gpus:>8.2f} {p.num_cpus:>8.2f} {total:>10.2f}", file=out)
+    if args.out is None:
+        sys.stdout.write(text)
+        return
+    with open(args.out, "w") as f:
+        f.write(f"# Written by `branched ray-plan {args.model_dir} ...`; deploy with `serve deploy {args.out}`.\n")
+        f.write(text)
+    print(f"wrote {args.out}", file=out)
+
+
+def _rates(text: str) -> list[float]:
+    """``"0.5,0.3,0.2"`` -> ``[0.5, 0.3, 0.2]`` (argparse type)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"exit rates must be comma-separated numbers, got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    """Add ``ray-plan`` to the ``branched`` command."""
+    p = subparsers.add_parser(
+        "ray-plan", help="Ray Serve config with replicas / GPU fractions per stage in proportion to its work",
+        description="Give each stage deployment of the staged Ray Serve app resources in proportion to the "
+                    "work that reaches it: reach_k x stage_flops_k, with reach_k = 1 - (exit rates before k).")
+    p.add_argument("model_dir")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--gpus", type=int, help="GPUs for the stages (fractional num_gpus per replica)")
+    budget.add_argument("--cpus", type=float, help="CPUs for the whole app, ingress included")
+    p.add_argument("--exit-rates", type=_rates, help="per exit, comma-separated, last = backbone head "
+                                                      "(default: the model's calibration, else measured)")
+    p.add_argument("--thresholds", type=parse_thresholds, help="thresholds to measure exit rates with")
+    add_data_args(p, split_default="calib")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="num_cpus of one stage replica (default 1)")
+    p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--ingress-cpus", type=float, default=1.0, help="num_cpus of one ingress replica (default 1)")
+    p.add_argument("--apps", default="staged,baseline", help="applications to write (default staged,baseline)")
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to serve beyond this machine)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--out", help="write the config here (default: print it)")
+    p.set_defaults(func=_cmd_plan)
+
