@@ -31,8 +31,8 @@ from branched.routing import exit_score
 from branched.serving import Predictor
 
 from handlers.archive import build_archives
+from handlers.server import TorchServe
 from test_core import make_model
-from ts_server import TorchServe
 
 pytestmark = pytest.mark.timeout(500)
 

@@ -1,4 +1,6 @@
-"""Start and stop a real TorchServe for tests: loopback, free ports, private temp/log dirs, no leftovers.
+"""Start and stop a real TorchServe: loopback, free ports, private temp/log dirs, no leftovers.
+
+Used by the tests and by the load-test runner (``loadtests.compare``).
 
 The instance runs from the repository's ``config.properties`` with only the addresses, model store
 and metrics config path replaced, so the tests exercise the shipped configuration. Each instance
@@ -20,7 +22,7 @@ import requests
 
 __all__ = ["TorchServe", "free_port", "REPO_ROOT"]
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config.properties lives here
 TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
 
 
@@ -50,11 +52,14 @@ class TorchServe:
         workdir: private directory for config, logs, temp files and the server's stdout.
         models: model name -> archive file name, loaded at start.
         config: the ``config.properties`` to start from (default: the repository's).
+        cpus: CPUs the whole process tree (frontend and workers) may use; None: all.
     """
 
     def __init__(self, model_store: str, workdir: str, models: Mapping[str, str],
-                 config: str = os.path.join(REPO_ROOT, "config.properties")) -> None:
+                 config: str = os.path.join(REPO_ROOT, "config.properties"),
+                 cpus: Optional[set[int]] = None) -> None:
         self.model_store, self.workdir, self.models = model_store, workdir, dict(models)
+        self.cpus = cpus
         self.props = _properties(config)
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inf", "grpc_mgmt")}
         self.tmp = os.path.join(workdir, "tmp")
@@ -110,7 +115,8 @@ class TorchServe:
         with open(os.path.join(self.workdir, "stdout.log"), "ab") as out:
             # A new session: the launcher's pid is the group id the JVM and its Python workers inherit.
             launcher = subprocess.Popen(cmd, cwd=self.workdir, env=self._env(), stdout=out,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, start_new_session=True,
+                                        preexec_fn=self._pin if self.cpus else None)
         self.pgid = launcher.pid
         launcher.wait(timeout=60)
         deadline = time.monotonic() + timeout
@@ -119,6 +125,15 @@ class TorchServe:
                 return self
             time.sleep(0.5)
         raise RuntimeError(f"TorchServe did not get ready in {timeout:.0f}s:\n{self.log_tail()}")
+
+    def _pin(self) -> None:
+        os.sched_setaffinity(0, self.cpus)  # inherited by the JVM and every Python worker
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def _ready(self, name: str) -> bool:
         try:
