@@ -168,6 +168,10 @@ def _routing_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[
 
 
 def _default_threads(yaml_config: Mapping[str, Any]) -> int:
-    """Cores shared by the model's workers, at least one each (workers are separate processes)."""
+    """Cores shared by the model's workers, at least one each (workers are separate processes).
+
+    Counts the CPUs this process may run on, so a server pinned to some cores (the load-test
+    runner does that) does not oversubscribe them.
+    """
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, workers))

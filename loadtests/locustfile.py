@@ -1,0 +1,89 @@
+"""Locust users that post real image bytes to a TorchServe or Ray Serve classifier endpoint.
+
+Options (added to Locust's own command line):
+  --pool DIR           images to send: ``*.png`` files plus ``labels.json`` ({file: label}), as written
+                       by ``loadtests.compare`` from the test split, so the exit mix is the real one
+  --predict-path PATH  e.g. ``/predictions/demo`` (TorchServe) or ``/predict`` (Ray Serve)
+  --query QS           routing parameters sent with every request, e.g. ``budget=0.5``
+  --answers-out FILE   where to write the tally of answers (exit mix, cost, served accuracy) at stop
+
+An answer that is not JSON with the contract's keys counts as a Locust failure. Run it by hand:
+  locust -f loadtests/locustfile.py --headless -u 8 -r 8 -t 30s --host http://127.0.0.1:8080 \\
+      --pool reports/pool --predict-path /predictions/demo
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+
+from locust import FastHttpUser, constant, events, task
+
+ANSWER_KEYS = ("class_index", "label", "confidence", "exit", "cost_fraction")
+POOL: list[tuple[bytes, int]] = []
+TALLY: dict = {"answers": 0, "correct": 0, "cost_fraction_sum": 0.0, "exits": Counter()}
+
+
+@events.init_command_line_parser.add_listener
+def _add_options(parser) -> None:
+    parser.add_argument("--pool", default="reports/pool", help="folder of PNGs + labels.json")
+    parser.add_argument("--predict-path", default="/predict", help="endpoint path of the classifier")
+    parser.add_argument("--query", default="", help="routing parameters for every request, e.g. budget=0.5")
+    parser.add_argument("--answers-out", default="", help="JSON file for the tally of answers")
+
+
+@events.init.add_listener
+def _load_pool(environment, **_) -> None:
+    folder = environment.parsed_options.pool
+    labels_file = os.path.join(folder, "labels.json")
+    if not os.path.isfile(labels_file):
+        raise SystemExit(f"--pool {folder!r} has no labels.json; write a pool with `python -m loadtests.compare`")
+    with open(labels_file) as f:
+        labels = json.load(f)
+    for name, label in sorted(labels.items()):
+        with open(os.path.join(folder, name), "rb") as f:
+            POOL.append((f.read(), int(label)))
+    if not POOL:
+        raise SystemExit(f"--pool {folder!r} is empty")
+
+
+@events.test_stop.add_listener
+def _write_tally(environment, **_) -> None:
+    out = environment.parsed_options.answers_out
+    if out:
+        with open(out, "w") as f:
+            json.dump({**TALLY, "exits": {str(k): v for k, v in sorted(TALLY["exits"].items())}}, f)
+
+
+class ClassifierUser(FastHttpUser):
+    """Posts one random image of the pool at a time, as fast as answers come back."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        opts = self.environment.parsed_options
+        self.path = opts.predict_path + (f"?{opts.query}" if opts.query else "")
+
+    @task
+    def predict(self) -> None:
+        image, label = random.choice(POOL)
+        with self.client.post(self.path, data=image, headers={"Content-Type": "image/png"},
+                              name="predict", catch_response=True) as resp:
+            if resp.status_code != 200:
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200]}")
+                return
+            try:
+                answer = json.loads(resp.text)
+            except (TypeError, ValueError):
+                resp.failure(f"answer is not JSON: {(resp.text or '')[:200]!r}")
+                return
+            missing = [k for k in ANSWER_KEYS if not isinstance(answer, dict) or k not in answer]
+            if missing:
+                resp.failure(f"answer lacks {missing}: {str(answer)[:200]}")
+                return
+            resp.success()
+            TALLY["answers"] += 1
+            TALLY["correct"] += int(answer["class_index"] == label)
+            TALLY["cost_fraction_sum"] += float(answer["cost_fraction"])
+            TALLY["exits"][int(answer["exit"])] += 1
