@@ -94,6 +94,12 @@ class Segment(nn.Module):
             x = block(x)
         return x
 
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks without LC-Net gates: a gated block exposes its original block as ``ungated``."""
+        for block in self.blocks:
+            x = getattr(block, "ungated", block)(x)
+        return x
+
     def forward_with_cost(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the blocks; return the features and the FLOPs spent on each sample."""
         if not self.dynamic:
@@ -246,6 +252,7 @@ class BranchedModel(nn.Module):
             for seg, ex in zip(self.segments, self.exits):
                 flops = []
                 for block in seg.blocks:
+                    block = getattr(block, "ungated", block)  # the table holds the plain backbone
                     flops.append(count_flops(block, x))
                     with torch.no_grad():
                         x = block(x)
@@ -268,6 +275,8 @@ class BranchedModel(nn.Module):
         for seg in self.segments:
             for i, block in enumerate(seg.blocks):
                 if hasattr(block, "forward_with_cost"):
+                    if hasattr(block, "optimize_for_inference"):
+                        block.optimize_for_inference()  # gated blocks fold their own BN
                     continue  # gated blocks decide per input; keep their own forward
                 try:
                     seg.blocks[i] = fuse(block)
@@ -311,10 +320,10 @@ class BranchedModel(nn.Module):
         return outputs
 
     def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain backbone (no exits): logits ``[B, C]``."""
+        """The plain backbone (no exits, no LC-Net gates): logits ``[B, C]``."""
         x = x.contiguous(memory_format=self.memory_format)
         for seg in self.segments:
-            x = seg(x)
+            x = seg.plain_forward(x)
         return self.exits[-1](x).logits
 
     # ------------------------------------------------------------------ routing
@@ -402,8 +411,10 @@ class BranchedModel(nn.Module):
     def without_exits(self) -> "BranchedModel":
         """The plain backbone as a one-stage branched model sharing these weights (the baseline)."""
         cost = CostTable([[f for seg in self.cost.block_flops for f in seg]], [self.cost.exit_flops[-1]])
-        config = ModelConfig(**{**self.config.to_dict(), "exits": [], "thresholds": [], "cost": cost.to_dict()})
-        blocks = [(name, block) for seg in self.segments for name, block in zip(seg.names, seg.blocks)]
+        config = ModelConfig(**{**self.config.to_dict(), "exits": [], "thresholds": [], "cost": cost.to_dict(),
+                                "dynamic": None})
+        blocks = [(name, getattr(block, "ungated", block))  # LC-Net gates off: the plain backbone
+                  for seg in self.segments for name, block in zip(seg.names, seg.blocks)]
         # The same module objects, so no copy of the weights.
         holder = nn.ModuleList(b for _, b in blocks)
         backbone = Backbone(config.backbone, blocks, self.exits[-1].head, config.num_classes,

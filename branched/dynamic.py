@@ -1,0 +1,446 @@
+"""LC-Net dynamic inference: per-input layer skipping (L-Net) and channel skipping (C-Net).
+
+After Xia, Yin, Dai and Jha, "Fully Dynamic Inference with Deep Neural Networks" (2020). A compact
+gate network reads a residual block's input (global-average-pooled) and decides, per sample,
+
+* **L-Net** (``mode="layer"``): run the block or skip it (the output is then the input: identity).
+  Only blocks with an identity shortcut can be skipped; the gate also predicts a scale for the
+  residual branch of the samples that run it.
+* **C-Net** (``mode="channel"``): which of the block's inner channels (the first conv's filters,
+  which are the second conv's input channels) to compute, and a scale for each kept channel.
+
+``mode="both"`` gives each block both gates from one shared gate network. Scales are
+``2 * sigmoid(a)``: exactly 1 for ``a = 0``, where a fresh gate starts.
+
+Real savings, not masks: :meth:`GatedBlock.forward_with_cost` runs the block only on the rows
+of the samples that keep it (compaction, as routing does between exits), computes only the union
+of the kept channels of those samples (the conv weights are sliced), and returns the FLOPs
+spent on each sample, counted the way ``torch.utils.flop_counter`` counts them (gate included).
+A sample's channel cost therefore depends on the batch it is served in: the union of a batch
+is never smaller than one sample's mask. :meth:`GatedBlock.forward` computes everything and
+applies the decisions as masks (hard, or relaxed with straight-through Gumbel noise for
+training, see :mod:`branched.dynamic_train`). ``GatedBlock.ungated`` is the original block: the
+core's plain-backbone path (``backbone_forward``, ``without_exits``, the FLOP table) runs it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from .backbones import Backbone
+
+__all__ = ["MODES", "GateDecision", "Gate", "ResidualBranch", "GatedBlock", "gate_settings", "apply_gates", "add_gates",
+           "gated_blocks"]
+
+MODES = ("layer", "channel", "both")
+DEFAULT_HIDDEN = 16
+_KEEP_BIAS = 3.0  # a fresh gate keeps everything (sigmoid(3) = 0.95), so training starts at the backbone
+
+
+@dataclass
+class GateDecision:
+    """One gate's decisions for a batch of ``B`` samples (``None`` where the gate has no such part).
+
+    Attributes:
+        layer_keep: ``[B]`` 1 = run the block, 0 = skip it (relaxed values while training).
+        layer_scale: ``[B]`` scale of the residual branch of the samples that run it.
+        channel_keep: ``[B, M]`` 1 = compute inner channel ``m``.
+        channel_scale: ``[B, M]`` scale of each inner channel.
+        layer_prob, channel_prob: keep probabilities (``sigmoid`` of the logits), for the cost term.
+    """
+
+    layer_keep: Optional[torch.Tensor]
+    layer_scale: Optional[torch.Tensor]
+    channel_keep: Optional[torch.Tensor]
+    channel_scale: Optional[torch.Tensor]
+    layer_prob: Optional[torch.Tensor]
+    channel_prob: Optional[torch.Tensor]
+
+
+def _straight_through(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """Binary Gumbel-softmax sample: hard 0/1 forward, relaxed sigmoid gradient backward."""
+    u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class Gate(nn.Module):
+    """The compact gate network: pooled block input -> keep logits and scales.
+
+    Args:
+        in_channels: channels of the block input.
+        hidden: width of the hidden layer.
+        layer: predict a keep/skip decision and a scale for the whole block (L-Net).
+        channels: inner channels to predict a keep decision and a scale for (C-Net); 0 for none.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, layer: bool, channels: int) -> None:
+        super().__init__()
+        self.layer, self.channels = layer, channels
+        self.n_out = 2 * int(layer) + 2 * channels
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, self.n_out)
+        keep = self._keep_columns()
+        with torch.no_grad():
+            self.fc2.weight.zero_()
+            self.fc2.bias.zero_()
+            self.fc2.weight[keep].normal_(0.0, 0.01)
+            self.fc2.bias[keep] = _KEEP_BIAS
+
+    def _keep_columns(self) -> list[int]:
+        """Output layout: [layer keep, layer scale] then [channel keeps (M), channel scales (M)]."""
+        cols = [0] if self.layer else []
+        start = 2 * int(self.layer)
+        return cols + list(range(start, start + self.channels))
+
+    @property
+    def flops(self) -> int:
+        """FLOPs per sample, as the flop counter counts two linear layers (2 * in * out each)."""
+        return 2 * (self.fc1.in_features * self.fc1.out_features + self.fc2.in_features * self.fc2.out_features)
+
+    def forward(self, x: torch.Tensor, relaxed: bool = False, tau: float = 1.0) -> GateDecision:
+        z = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
+        lk = ls = lp = ck = cs = cp = None
+        if self.layer:
+            lp = torch.sigmoid(z[:, 0])
+            lk = _straight_through(z[:, 0], tau) if relaxed else (z[:, 0] > 0).to(z.dtype)
+            ls = 2.0 * torch.sigmoid(z[:, 1])
+        if self.channels:
+            s = 2 * int(self.layer)
+            logits = z[:, s:s + self.channels]
+            cp = torch.sigmoid(logits)
+            ck = _straight_through(logits, tau) if relaxed else (logits > 0).to(z.dtype)
+            cs = 2.0 * torch.sigmoid(z[:, s + self.channels:])
+        return GateDecision(lk, ls, ck, cs, lp, cp)
+
+
+def _conv_flops(conv: nn.Conv2d, c_out: int, c_in: int, h: int, w: int) -> tuple[int, int, int]:
+    """Per-sample FLOPs of ``conv`` with ``c_out`` x ``c_in`` channels on an ``h x w`` input, and its output size.
+
+    The flop counter's convolution formula: 2 * out_h * out_w * c_out * c_in / groups * kh * kw.
+    """
+    kh, kw = conv.kernel_size
+    oh = (h + 2 * conv.padding[0] - conv.dilation[0] * (kh - 1) - 1) // conv.stride[0] + 1
+    ow = (w + 2 * conv.padding[1] - conv.dilation[1] * (kw - 1) - 1) // conv.stride[1] + 1
+    return 2 * oh * ow * c_out * (c_in // conv.groups) * kh * kw, oh, ow
+
+
+class ResidualBranch(nn.Module):
+    """The residual branch of a gated block, computing only the inner channels it is given.
+
+    It owns no parameters: ``parts`` lists the wrapped block's ``(conv, bn-or-None)`` stages (a
+    plain list, so the weights are registered once, under the block). Being a module call, it
+    can be observed with forward hooks: a sample that skips the block never reaches it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[tuple[nn.Module, Optional[nn.Module]]] = []
+
+    def forward(self, x: torch.Tensor, channels: Optional[torch.Tensor] = None,
+                multiplier: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Args:
+            x: block input rows ``[n, C, H, W]``.
+            channels: indices of the inner channels to compute (all if None).
+            multiplier: ``[n, len(channels)]`` keep mask times scale of those channels (None: 1).
+        """
+        h = x
+        last = len(self.parts) - 1
+        for j, (conv, bn) in enumerate(self.parts):
+            weight, bias = conv.weight, conv.bias
+            sliced = channels is not None and j == 0
+            if sliced:
+                weight = weight.index_select(0, channels)
+                bias = bias.index_select(0, channels) if bias is not None else None
+            elif channels is not None and j == 1:
+                weight = weight.index_select(1, channels)
+            h = F.conv2d(h, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            if bn is not None:
+                if sliced:
+                    h = F.batch_norm(h, bn.running_mean.index_select(0, channels),
+                                     bn.running_var.index_select(0, channels), bn.weight.index_select(0, channels),
+                                     bn.bias.index_select(0, channels), False, 0.0, bn.eps)
+                else:
+                    h = bn(h)
+            if j < last:
+                h = F.relu(h)
+            if j == 0 and multiplier is not None:
+                h = h * multiplier[:, :, None, None]
+        return h
+
+
+class GatedBlock(nn.Module):
+    """A torchvision ResNet block (Basic or Bottleneck) with an LC-Net gate.
+
+    Args:
+        block: the block; kept as ``self.block`` (its weights are shared, not copied).
+        layer: add a layer gate (the block must have an identity shortcut).
+        channel: add a channel gate over the first conv's output channels.
+        hidden: width of the gate's hidden layer.
+
+    Attributes:
+        relaxed: training mode of the gate (straight-through Gumbel decisions, expected cost kept
+            in ``expected_flops``); set by :func:`branched.dynamic_train.train_gates`.
+        tau: Gumbel-softmax temperature while relaxed.
+    """
+
+    def __init__(self, block: nn.Module, layer: bool, channel: bool, hidden: int = DEFAULT_HIDDEN) -> None:
+        super().__init__()
+        if not isinstance(block, (BasicBlock, Bottleneck)):
+            raise TypeError(f"LC-Net gates wrap ResNet blocks, not {type(block).__name__}")
+        if layer and block.downsample is not None:
+            raise ValueError("a block with a downsampling shortcut cannot be skipped (its output shape differs)")
+        if channel and block.conv1.groups != 1:
+            raise ValueError("channel gates need an ungrouped first conv")
+        self.block = block
+        self.in_channels = block.conv1.in_channels
+        self.mid_channels = block.conv1.out_channels
+        self.gate = Gate(self.in_channels, hidden, layer, self.mid_channels if channel else 0)
+        self.relaxed = False
+        self.tau = 1.0
+        self.expected_flops: Optional[torch.Tensor] = None
+        self._flop_cache: dict[tuple[int, int], tuple[int, int]] = {}
+        self.branch = ResidualBranch()
+        self._resolve_parts()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def has_layer_gate(self) -> bool:
+        return self.gate.layer
+
+    @property
+    def has_channel_gate(self) -> bool:
+        return self.gate.channels > 0
+
+    @property
+    def ungated(self) -> nn.Module:
+        """The original block: the plain backbone's path through this position."""
+        return self.block
+
+    def _resolve_parts(self) -> None:
+        """(conv, bn-or-None) stages of the residual branch and of the shortcut, by name.
+
+        Looked up by name so that a BN-folded block (``torch.fx`` fusion keeps the convs' names
+        and drops the BNs) runs through the same code.
+        """
+        parts = []
+        for j in (1, 2, 3):
+            conv = getattr(self.block, f"conv{j}", None)
+            if conv is not None:
+                parts.append((conv, getattr(self.block, f"bn{j}", None)))
+        self._parts = parts
+        self.branch.parts = parts
+        ds = getattr(self.block, "downsample", None)
+        self._shortcut = None if ds is None else (ds.get_submodule("0"), getattr(ds, "1", None))
+
+    def optimize_for_inference(self) -> None:
+        """Fold BN into the convs of the wrapped block (gated and plain paths alike); serving only."""
+        from torch.fx.experimental.optimization import fuse
+
+        try:
+            self.block = fuse(self.block.eval())
+        except Exception:  # noqa: BLE001 - untraceable: keep BN unfolded
+            return
+        self._resolve_parts()
+
+    # ------------------------------------------------------------------ cost
+    def flop_parts(self, h: int, w: int) -> tuple[int, int]:
+        """Per-sample FLOPs of running the block on an ``h x w`` input: ``(fixed, per_channel)``.
+
+        The block costs ``fixed + k * per_channel`` with ``k`` inner channels computed
+        (all of them when there is no channel gate: then ``per_channel`` is 0).
+        """
+        key = (h, w)
+        if key not in self._flop_cache:
+            (c1, _), (c2, _) = self._parts[0], self._parts[1]
+            f1, h1, w1 = _conv_flops(c1, 1, c1.in_channels, h, w)
+            f2, h2, w2 = _conv_flops(c2, c2.out_channels, 1, h1, w1)
+            per_channel, fixed = f1 + f2, 0
+            if len(self._parts) > 2:
+                c3 = self._parts[2][0]
+                fixed += _conv_flops(c3, c3.out_channels, c3.in_channels, h2, w2)[0]
+            if self._shortcut is not None:
+                cd = self._shortcut[0]
+                fixed += _conv_flops(cd, cd.out_channels, cd.in_channels, h, w)[0]
+            if not self.has_channel_gate:
+                fixed, per_channel = fixed + self.mid_channels * per_channel, 0
+            self._flop_cache[key] = (fixed, per_channel)
+        return self._flop_cache[key]
+
+    def _expected_flops(self, x: torch.Tensor, d: GateDecision) -> torch.Tensor:
+        """Differentiable per-sample FLOPs under the keep probabilities (the training cost term)."""
+        fixed, per_channel = self.flop_parts(x.shape[-2], x.shape[-1])
+        block = x.new_full((x.shape[0],), float(fixed))
+        if d.channel_prob is not None:
+            block = block + per_channel * d.channel_prob.sum(dim=1)
+        if d.layer_prob is not None:
+            block = block * d.layer_prob
+        return block + self.gate.flops
+
+    # ------------------------------------------------------------------ compute
+    def _identity(self, x: torch.Tensor) -> torch.Tensor:
+        if self._shortcut is None:
+            return x
+        conv, bn = self._shortcut
+        h = conv(x)
+        return bn(h) if bn is not None else h
+
+    def _finish(self, x: torch.Tensor, residual: torch.Tensor, layer_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        if layer_scale is not None:
+            residual = residual * layer_scale[:, None, None, None]
+        return F.relu(residual + self._identity(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All rows and channels computed, decisions applied as masks (training and reference path)."""
+        d = self.gate(x, self.relaxed, self.tau)
+        mult = d.channel_keep * d.channel_scale if d.channel_keep is not None else None
+        y = self._finish(x, self.branch(x, None, mult), d.layer_scale)
+        if d.layer_keep is not None:
+            keep = d.layer_keep[:, None, None, None]
+            y = keep * y + (1.0 - keep) * x
+        self.expected_flops = self._expected_flops(x, d) if self.relaxed else None
+        return y
+
+    def forward_with_cost(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hard decisions, computing only what they keep; returns ``(y, flops[B])`` (float64).
+
+        Samples that skip the block are not computed (their rows pass through); the others run
+        with the union of their kept channels. A batch in which every kept sample drops every
+        channel still computes one channel (multiplied by zero), so shapes stay valid; it is counted.
+        """
+        n = x.shape[0]
+        fixed, per_channel = self.flop_parts(x.shape[-2], x.shape[-1])
+        flops = torch.full((n,), float(self.gate.flops), dtype=torch.float64, device=x.device)
+        if n == 0:
+            return x, flops
+        d = self.gate(x)
+        rows = None
+        if d.layer_keep is not None:
+            keep = d.layer_keep > 0.5
+            kept = int(keep.sum())
+            if kept == 0:
+                return x, flops
+            if kept < n:
+                rows = keep.nonzero().squeeze(1)
+        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        xs = pick(x)
+        channels = mult = None
+        k = 0
+        if d.channel_keep is not None:
+            ck, cs = pick(d.channel_keep), pick(d.channel_scale)
+            union = (ck > 0.5).any(dim=0)
+            k = int(union.sum())
+            if k == 0:
+                union[0], k = True, 1
+            mult = ck * cs
+            if k < self.mid_channels:
+                channels = union.nonzero().squeeze(1)
+                mult = mult.index_select(1, channels)
+        scale = pick(d.layer_scale) if d.layer_scale is not None else None
+        ys = self._finish(xs, self.branch(xs, channels, mult), scale)
+        spent = float(fixed + k * per_channel)
+        if rows is None:
+            return ys, flops + spent
+        flops.index_add_(0, rows, torch.full((rows.numel(),), spent, dtype=torch.float64, device=x.device))
+        return x.index_copy(0, rows, ys), flops
+
+
+# ---------------------------------------------------------------------- building
+def _eligible(block: nn.Module, mode: str) -> tuple[bool, bool]:
+    """Which gates ``block`` can take under ``mode``: (layer, channel)."""
+    if not isinstance(block, (BasicBlock, Bottleneck)):
+        return False, False
+    layer = mode in ("layer", "both") and block.downsample is None
+    channel = mode in ("channel", "both") and block.conv1.groups == 1
+    return layer, channel
+
+
+def gate_settings(backbone: Backbone, mode: str, hidden: int = DEFAULT_HIDDEN,
+                  blocks: Optional[list[str]] = None, **extra: Any) -> dict[str, Any]:
+    """The ``config.dynamic`` dict for gating ``backbone``, with the gated blocks spelled out.
+
+    Args:
+        backbone: a ResNet-family backbone.
+        mode: ``"layer"`` (L-Net), ``"channel"`` (C-Net) or ``"both"`` (LC-Net).
+        hidden: gate hidden width.
+        blocks: block names to gate; default every residual block that can take a gate under ``mode``
+            (layer gates need an identity shortcut, so downsampling blocks get channel gates only).
+        extra: further keys recorded as they are (e.g. ``target_cost``).
+
+    Raises:
+        ValueError: unknown mode, a backbone without residual blocks, or a block that cannot be gated.
+    """
+    if mode not in MODES:
+        raise ValueError(f"dynamic mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if hidden < 1:
+        raise ValueError(f"gate hidden width must be at least 1, got {hidden}")
+    by_name = dict(backbone.blocks)
+    if blocks is None:
+        blocks = [n for n, b in backbone.blocks if any(_eligible(b, mode))]
+        if not blocks:
+            raise ValueError(f"{backbone.name} has no residual block that can take a {mode} gate; "
+                             f"LC-Net gates need a ResNet backbone (e.g. cifar_resnet20, resnet18)")
+    for name in blocks:
+        if name not in by_name:
+            raise ValueError(f"cannot gate {name!r}: {backbone.name} has no such block")
+        if not any(_eligible(by_name[name], mode)):
+            raise ValueError(f"block {name!r} of {backbone.name} cannot take a {mode} gate "
+                             f"(layer gates need a residual block with an identity shortcut)")
+    return {"mode": mode, "hidden": int(hidden), "blocks": list(blocks), **extra}
+
+
+def apply_gates(backbone: Backbone, settings: Mapping[str, Any]) -> Backbone:
+    """``backbone`` with the blocks named in ``settings`` wrapped in :class:`GatedBlock` (weights shared).
+
+    Args:
+        backbone: the backbone (its blocks are wrapped, not copied).
+        settings: ``config.dynamic``: ``mode``, ``hidden`` and ``blocks`` (see :func:`gate_settings`).
+    """
+    mode = settings.get("mode")
+    resolved = gate_settings(backbone, mode, int(settings.get("hidden", DEFAULT_HIDDEN)), settings.get("blocks"))
+    chosen = set(resolved["blocks"])
+    blocks = []
+    for name, block in backbone.blocks:
+        if name in chosen and not isinstance(block, GatedBlock):
+            layer, channel = _eligible(block, mode)
+            block = GatedBlock(block, layer, channel, resolved["hidden"])
+        blocks.append((name, block))
+    return Backbone(backbone.name, blocks, backbone.head, backbone.num_classes, backbone.default_input_size,
+                    backbone.model)
+
+
+def add_gates(model, mode: str, hidden: int = DEFAULT_HIDDEN, blocks: Optional[list[str]] = None,
+              **extra: Any):
+    """A gated copy of a :class:`~branched.model.BranchedModel` that shares its backbone and exits.
+
+    The exits keep their weights; train the gates (:func:`branched.dynamic_train.train_gates`)
+    and then the exits, which should see gated features.
+
+    Args:
+        model: an un-optimised branched model (with or without exits), not yet gated.
+        mode, hidden, blocks, extra: see :func:`gate_settings`.
+    """
+    from .model import BranchedModel, ModelConfig
+
+    pairs = [(n, b) for seg in model.segments for n, b in zip(seg.names, seg.blocks)]
+    holder = nn.ModuleList(b for _, b in pairs)
+    plain = Backbone(model.config.backbone, pairs, model.exits[-1].head, model.config.num_classes,
+                     model.config.input_size, holder)
+    settings = gate_settings(plain, mode, hidden, blocks, **extra)
+    config = ModelConfig(**{**model.config.to_dict(), "dynamic": settings})
+    gated = BranchedModel(config, apply_gates(plain, settings))
+    for new, old in zip(gated.exits[:-1], model.exits[:-1]):
+        new.load_state_dict(old.state_dict())
+    return gated.train(model.training)
+
+
+def gated_blocks(model: nn.Module) -> list[GatedBlock]:
+    """Every :class:`GatedBlock` of ``model``, in order."""
+    return [m for m in model.modules() if isinstance(m, GatedBlock)]

@@ -1,0 +1,146 @@
+"""Training LC-Net gates to a FLOPs budget on a frozen backbone.
+
+Only the gates learn (the keep decisions and the scales); the backbone's weights and BN statistics
+stay as they were, as for the exits (PTEENet), so the plain backbone remains the baseline and the
+artifact's FLOP table stays valid. Decisions are relaxed with straight-through binary
+Gumbel-softmax (hard 0/1 forward, sigmoid gradient backward), and the loss is
+
+    cross-entropy(head logits, labels)
+    + distill * T^2 * KL(backbone soft targets || gated soft targets)    (optional)
+    + lambda * (mean expected cost fraction - target_cost)
+
+with the multiplier ``lambda >= 0`` raised by dual ascent while the batch is over budget and
+lowered while it is under (``lambda <- max(0, lambda + dual_lr * (cost - target))``), so the
+budget is met whatever the scale of the task loss, and accuracy takes back what the budget allows.
+where a sample's expected cost sums every gated block's ``gate + p_keep * (fixed + per_channel
+* sum(p_channel))`` (:meth:`branched.dynamic.GatedBlock._expected_flops`) and the static FLOPs of the
+ungated blocks and the head, over the plain backbone's FLOPs. Exits are not part of this loss:
+train them afterwards, on the gated features.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .dynamic import GatedBlock, gated_blocks
+
+__all__ = ["train_gates", "static_flops"]
+
+
+def static_flops(model) -> float:
+    """FLOPs per sample of the plain blocks and the backbone head (the part that gates do not change)."""
+    total = float(model.cost.exit_flops[-1])
+    for seg, flops in zip(model.segments, model.cost.block_flops):
+        total += sum(float(f) for b, f in zip(seg.blocks, flops) if not isinstance(b, GatedBlock))
+    return total
+
+
+def _head_logits(model, x: torch.Tensor) -> torch.Tensor:
+    for seg in model.segments:
+        x = seg(x)
+    return model.exits[-1](x).logits
+
+
+def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost: float, epochs: int = 10,
+                batch_size: int = 64, lr: float = 1e-2, cost_weight: float = 1.0, dual_lr: float = 0.5,
+                distill: float = 1.0, temperature: float = 4.0, tau: float = 1.0, seed: int = 0,
+                progress: bool = True) -> dict:
+    """Train the gates of ``model`` (a gated :class:`~branched.model.BranchedModel`) in place.
+
+    Args:
+        model: a model with LC-Net gates (:func:`branched.dynamic.add_gates` or ``from_config``).
+        train_x, train_y: training images (preprocessed) and labels.
+        target_cost: FLOPs budget as a fraction of the plain backbone (exits excluded), e.g. 0.5.
+        epochs: passes over the training set.
+        batch_size: mini-batch size.
+        lr: Adam learning rate of the gates.
+        cost_weight: initial value of the budget multiplier ``lambda``.
+        dual_lr: step of the multiplier's dual ascent per batch (0 keeps ``lambda`` fixed).
+        distill: weight of distillation from the plain (ungated) backbone; 0 turns it off.
+        temperature: distillation temperature.
+        tau: Gumbel-softmax temperature.
+        seed: shuffling and Gumbel-noise seed.
+        progress: show a tqdm bar.
+
+    Returns:
+        A JSON-ready report: settings, the final multiplier, and the last epoch's mean loss, cost
+        fraction and accuracy (under relaxed decisions).
+
+    Raises:
+        ValueError: a model without gates, or a target outside (0, 1].
+    """
+    gates = gated_blocks(model)
+    if not gates:
+        raise ValueError("the model has no LC-Net gates; add them with branched.dynamic.add_gates first")
+    if not 0.0 < target_cost <= 1.0:
+        raise ValueError(f"target cost must be a fraction of the backbone's FLOPs in (0, 1], got {target_cost}")
+    if len(train_x) != len(train_y) or len(train_x) == 0:
+        raise ValueError(f"need as many labels as images (got {len(train_x)} images, {len(train_y)} labels)")
+    backbone_flops = float(model.cost.backbone_flops)
+    fixed = static_flops(model)
+    teacher_logits = None
+    if distill > 0:  # the backbone is frozen: its logits are computed once
+        model.eval()
+        with torch.no_grad():
+            teacher_logits = torch.cat([model.backbone_forward(train_x[i:i + 256])
+                                        for i in range(0, len(train_x), 256)])
+    params = [p for g in gates for p in g.gate.parameters()]
+    saved_grad = {p: p.requires_grad for p in model.parameters()}
+    saved_mode = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model.eval()  # BN keeps the backbone's statistics; only the gates learn
+    for g in gates:
+        g.relaxed, g.tau = True, tau
+    lam = float(cost_weight)
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = epochs * math.ceil(len(train_x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    history = []
+    bar = tqdm(range(epochs), desc="train gates", unit="epoch", disable=not progress)
+    try:
+        for _ in bar:
+            order = torch.randperm(len(train_x), generator=gen)
+            sums = {"loss": 0.0, "cost_fraction": 0.0, "accuracy": 0.0}
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                x, y = train_x[idx], train_y[idx]
+                logits = _head_logits(model, x)
+                loss = F.cross_entropy(logits, y)
+                if teacher_logits is not None:
+                    loss = loss + distill * temperature ** 2 * F.kl_div(
+                        F.log_softmax(logits / temperature, 1), F.softmax(teacher_logits[idx] / temperature, 1),
+                        reduction="batchmean")
+                cost = (fixed + sum(g.expected_flops for g in gates)) / backbone_flops
+                over = cost.mean() - target_cost
+                loss = loss + lam * over
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                lam = max(0.0, lam + dual_lr * float(over.detach()))
+                n = len(idx)
+                sums["loss"] += float(loss.detach()) * n
+                sums["cost_fraction"] += float(cost.detach().sum())
+                sums["accuracy"] += float((logits.argmax(1) == y).sum())
+            epoch = {k: v / len(order) for k, v in sums.items()}
+            history.append(epoch)
+            epoch["multiplier"] = lam
+            bar.set_postfix(cost=f"{epoch['cost_fraction']:.3f}", acc=f"{epoch['accuracy']:.3f}", lam=f"{lam:.2f}")
+    finally:
+        for g in gates:
+            g.relaxed, g.expected_flops = False, None
+        for p, flag in saved_grad.items():
+            p.requires_grad_(flag)
+        model.train(saved_mode)
+    return {"target_cost": target_cost, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "cost_weight": cost_weight, "dual_lr": dual_lr, "distill": distill, "temperature": temperature, "tau": tau,
+            "seed": seed, "backbone_frozen": True, "final": history[-1] if history else None}

@@ -1,0 +1,248 @@
+"""LC-Net gates: exact when keeping, no work when skipping, scales applied, counted cost, artifact, exits."""
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.resnet import Bottleneck
+
+from branched.artifact import load_model, save_model
+from branched.backbones import build_backbone
+from branched.dynamic import GatedBlock, add_gates, gate_settings, gated_blocks
+from branched.dynamic_train import train_gates
+from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.routing import exit_score
+
+MODES = ["layer", "channel", "both"]
+
+
+def plain_model(n_exits: int = 2) -> BranchedModel:
+    """cifar_resnet20 with random BN statistics (so BN is not the identity) and untrained exits."""
+    bb = build_backbone("cifar_resnet20", 10)
+    for m in bb.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    cfg = ModelConfig(backbone="cifar_resnet20", num_classes=10, input_size=32,
+                      exits=place_exits(bb, 32, n_exits) if n_exits else [])
+    model = BranchedModel(cfg, bb).eval()
+    model.__dict__["source"] = bb.model.eval()  # the torchvision model, not a registered submodule
+    return model
+
+
+def force(block: GatedBlock, layer_logit: float = None, channel_logit: float = None,
+          layer_scale_logit: float = 0.0, channel_scale_logit: float = 0.0) -> None:
+    """Make ``block``'s gate output constants: keep logits and scale logits the same for every input."""
+    gate = block.gate
+    with torch.no_grad():
+        gate.fc2.weight.zero_()
+        s = 0
+        if gate.layer:
+            gate.fc2.bias[0], gate.fc2.bias[1] = layer_logit, layer_scale_logit
+            s = 2
+        if gate.channels:
+            gate.fc2.bias[s:s + gate.channels] = channel_logit
+            gate.fc2.bias[s + gate.channels:] = channel_scale_logit
+
+
+def randomize(model: BranchedModel, spread: float = 1.5) -> None:
+    """Input-dependent gates that keep some samples/channels and drop others."""
+    for b in gated_blocks(model):
+        torch.nn.init.normal_(b.gate.fc2.weight, 0.0, spread)
+        torch.nn.init.normal_(b.gate.fc2.bias, 0.5, spread)
+
+
+def off(model: BranchedModel) -> list[float]:
+    return [math.inf] * (model.num_exits - 1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gates_that_keep_everything_reproduce_the_backbone_exactly(mode):
+    model = plain_model()
+    gated = add_gates(model, mode).eval()
+    for b in gated_blocks(gated):
+        force(b, layer_logit=10.0, channel_logit=10.0)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.source(x)
+        assert torch.equal(gated(x)[-1].logits, reference)
+    out = gated.routed_forward(x, off(gated))
+    assert torch.equal(out.logits, reference)
+    gate_flops = sum(b.gate.flops for b in gated_blocks(gated))
+    full = gated.cost.exit_cost(gated.num_exits - 1) + gate_flops
+    assert out.flops.tolist() == [float(full)] * 6
+
+
+def test_a_skipped_block_does_no_work():
+    model = plain_model()
+    gated = add_gates(model, "both").eval()
+    blocks = dict(zip(gated.config.dynamic["blocks"], gated_blocks(gated)))
+    target = blocks["layer2.1"]
+    for b in gated_blocks(gated):
+        force(b, layer_logit=10.0, channel_logit=10.0)
+    force(target, layer_logit=-10.0, channel_logit=10.0)
+    calls, prev_out, next_in = [], [], []
+    hook = target.branch.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    # the next block must receive the skipped block's input, untouched (routed and masked paths)
+    prev, nxt = blocks["layer2.0"], blocks["layer2.2"]
+    taps = [prev.register_forward_hook(lambda m, a, o: prev_out.append(o)),
+            nxt.branch.register_forward_hook(lambda m, a, o: next_in.append(a[0]))]
+    x = torch.randn(5, 3, 32, 32)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = gated.routed_forward(x, off(gated))
+        with torch.no_grad():
+            gated(x)  # masked path (a module call, so the gated blocks' own hooks fire)
+    finally:
+        for h in [hook, *taps]:
+            h.remove()
+    assert calls == [5]  # only the masked forward computed it, never the routed one
+    assert len(prev_out) == 1 and len(next_in) == 2
+    assert torch.equal(next_in[0], prev_out[0]) and torch.equal(next_in[1], prev_out[0])
+    block_flops = dict(zip([n for s in model.segments for n in s.names], sum(model.cost.block_flops, [])))
+    gate_flops = sum(b.gate.flops for b in gated_blocks(gated))
+    expected = model.cost.exit_cost(model.num_exits - 1) - block_flops["layer2.1"] + gate_flops
+    assert counter.get_total_flops() == 5 * expected
+    assert out.flops.tolist() == [float(expected)] * 5
+
+
+@pytest.mark.parametrize("mode", ["layer", "channel"])
+def test_learned_scales_are_applied(mode):
+    model = plain_model(n_exits=0)
+    gated = add_gates(model, mode, blocks=["layer1.1"]).eval()
+    (block,) = gated_blocks(gated)
+    a = 1.3
+    force(block, layer_logit=10.0, channel_logit=10.0, layer_scale_logit=a, channel_scale_logit=a)
+    s = 2.0 * torch.sigmoid(torch.tensor(a)).item()
+    inner = block.block
+    x = torch.relu(torch.randn(4, 16, 32, 32))
+    with torch.no_grad():
+        h = torch.relu(inner.bn1(inner.conv1(x)))
+        if mode == "channel":
+            h = h * s
+        r = inner.bn2(inner.conv2(h))
+        if mode == "layer":
+            r = r * s
+        expected = torch.relu(r + x)
+        plain = inner(x)
+        masked = block(x)
+        routed, _ = block.forward_with_cost(x)
+    assert not torch.allclose(plain, expected)
+    torch.testing.assert_close(masked, expected)
+    torch.testing.assert_close(routed, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_routed_cost_of_a_gated_model_is_what_the_counter_sees(mode):
+    gated = add_gates(plain_model(n_exits=3), mode).eval()
+    randomize(gated)
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        thr = [float(exit_score(o, gated.config.policy).median()) for o in gated(x)[:-1]]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = gated.routed_forward(x, thr)
+    assert counter.get_total_flops() == int(out.flops.sum())
+    assert len(set(out.exit_index.tolist())) > 1
+    plain = torch.tensor([float(gated.cost.exit_cost(k)) for k in range(gated.num_exits)], dtype=torch.float64)
+    assert bool((out.flops < plain[out.exit_index]).any())  # the gates saved work
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gates_and_exits_compose_through_routed_forward(mode):
+    gated = add_gates(plain_model(n_exits=2), mode).eval()
+    randomize(gated)
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        outs = gated(x)  # masked reference: every exit on the gated features
+    thr = [float(exit_score(o, gated.config.policy).median()) for o in outs[:-1]]
+    routed = gated.routed_forward(x, thr)
+    assert len(set(routed.exit_index.tolist())) > 1
+    for i in range(len(x)):
+        k = int(routed.exit_index[i])
+        torch.testing.assert_close(routed.logits[i], outs[k].logits[i], rtol=1e-4, atol=1e-4)
+        alone = gated.routed_forward(x[i:i + 1], thr)
+        assert alone.exit_index.item() == k
+        torch.testing.assert_close(alone.logits[0], routed.logits[i], rtol=1e-4, atol=1e-4)
+        if mode == "layer":  # no channel union: a sample costs the same alone and in a batch
+            assert alone.flops.item() == routed.flops[i].item()
+        else:  # the batch computes the union of its samples' channels: never less than alone
+            assert alone.flops.item() <= routed.flops[i].item()
+
+
+def test_gated_model_round_trips_through_the_artifact(tmp_path):
+    gated = add_gates(plain_model(n_exits=2), "both", target_cost=0.5).eval()
+    randomize(gated)
+    save_model(gated, str(tmp_path / "m"))
+    loaded = load_model(str(tmp_path / "m"))
+    assert loaded.config.dynamic == gated.config.dynamic
+    assert len(gated_blocks(loaded)) == len(gated_blocks(gated))
+    x = torch.randn(10, 3, 32, 32)
+    for thr in (None, off(gated), [0.0, 0.0]):
+        a, b = gated.routed_forward(x, thr), loaded.routed_forward(x, thr)
+        assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_index, b.exit_index)
+        assert torch.equal(a.flops, b.flops)
+
+
+def test_serving_optimisation_keeps_gated_answers_and_baseline_is_the_plain_backbone():
+    model = plain_model(n_exits=2)
+    gated = add_gates(model, "both").eval()
+    randomize(gated)
+    x = torch.randn(12, 3, 32, 32)
+    before = gated.routed_forward(x, off(gated))
+    with torch.no_grad():
+        reference = model.source(x)
+    baseline = gated.without_exits()
+    assert not gated_blocks(baseline) and baseline.config.dynamic is None
+    torch.testing.assert_close(baseline.routed_forward(x).logits, reference)
+    gated.optimize_for_inference()
+    assert all(not hasattr(b.block, "bn1") for b in gated_blocks(gated))  # BN folded into the convs
+    after = gated.routed_forward(x, off(gated))
+    assert torch.equal(before.exit_index, after.exit_index)
+    assert torch.equal(before.flops, after.flops)
+    torch.testing.assert_close(before.logits, after.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gated.backbone_forward(x), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_bottleneck_blocks_take_gates_too():
+    block = Bottleneck(64, 16).eval()
+    gated = GatedBlock(block, layer=True, channel=True, hidden=8).eval()
+    torch.nn.init.normal_(gated.gate.fc2.weight, 0.0, 1.5)
+    x = torch.relu(torch.randn(8, 64, 8, 8))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad():
+        masked = gated(x)
+        with counter:
+            y, flops = gated.forward_with_cost(x)
+    torch.testing.assert_close(y, masked, rtol=1e-4, atol=1e-5)
+    assert counter.get_total_flops() == int(flops.sum())
+
+
+def test_training_meets_the_budget_and_leaves_the_backbone_alone():
+    model = plain_model(n_exits=0)
+    gated = add_gates(model, "layer").eval()
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(96, 3, 32, 32)
+    with torch.no_grad():
+        y = model.source(x).argmax(1)  # labels the backbone gets right: only the cost term must move
+    report = train_gates(gated, x, y, target_cost=0.6, epochs=3, batch_size=32, lr=0.1, cost_weight=50.0, distill=0,
+                         progress=False)
+    assert report["final"]["cost_fraction"] < 0.75
+    routed = gated.routed_forward(x)
+    assert float(routed.cost_fraction.mean()) < 0.75
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, backbone[k]), k
+    assert all(not b.relaxed for b in gated_blocks(gated))
+
+
+def test_bad_settings_are_rejected_with_the_fix():
+    with pytest.raises(ValueError, match="ResNet"):
+        gate_settings(build_backbone("cifar_vgg11_bn", 10), "both")
+    bb = build_backbone("cifar_resnet20", 10)
+    with pytest.raises(ValueError, match="identity shortcut"):
+        gate_settings(bb, "layer", blocks=["layer2.0"])
+    with pytest.raises(ValueError, match="mode"):
+        gate_settings(bb, "filters")
+    with pytest.raises(ValueError, match="no LC-Net gates"):
+        train_gates(plain_model(n_exits=0), torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), 0.5)
