@@ -123,6 +123,9 @@ def _optimizer(params: list[nn.Parameter], s: FitSettings) -> torch.optim.Optimi
 
 
 def _schedule(opt: torch.optim.Optimizer, s: FitSettings, steps: int):
+    if s.schedule == "onecycle" and steps < 8:
+        # OneCycleLR needs a few steps per phase; a run this short just anneals.
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
     if s.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.lr, total_steps=max(steps, 1), pct_start=0.25)
     if s.schedule == "cosine":

@@ -1,0 +1,206 @@
+"""The build pipeline: local dataset formats and their errors, and a tiny end-to-end `branched build`."""
+import csv
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from branched.artifact import load_model
+from branched.cli import main
+from branched.data import DataError, load_dataset, load_splits
+from branched.routing import thresholds_for_budget
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ---------------------------------------------------------------- data errors
+@pytest.mark.parametrize("name,expected", [("cifar10", "cifar-10-batches-py"), ("svhn", "train_32x32.mat"),
+                                           ("imagefolder", "<class name>")])
+def test_missing_data_is_a_one_line_error_naming_what_is_expected(tmp_path, capsys, name, expected):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for root in (None, str(tmp_path / "nowhere"), str(empty)):
+        args = ["build", "--out", str(tmp_path / "m"), "--dataset", name] + (["--data-root", root] if root else [])
+        code, out, err = run_cli(capsys, *args)
+        assert code == 2 and out == ""
+        assert err.count("\n") == 1 and err.startswith("branched: error:")
+        assert expected in err and (root is None or root in err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_corrupted_cifar_files_are_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for f in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+              "batches.meta"]:
+        (folder / f).write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="corrupted or not the python version"):
+        load_dataset("cifar10", str(tmp_path))
+    (folder / "test_batch").unlink()
+    with pytest.raises(DataError, match="lacks test_batch"):
+        load_dataset("cifar10", str(folder))  # the batches folder itself is accepted as the root
+
+
+def test_unknown_dataset_lists_the_known_ones(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "build", "--out", str(tmp_path / "m"), "--dataset", "imagenet22k")
+    assert code == 2 and "mnist5k" in err and "cifar10" in err
+
+
+# ---------------------------------------------------------------- torchvision's formats, read for real
+def _skip_checksums(monkeypatch):
+    # Our files are tiny stand-ins, so torchvision's MD5 check of the real archives cannot pass;
+    # everything after it (torchvision's own reading of the format) runs unchanged.
+    import torchvision.datasets.cifar as cifar_mod
+    import torchvision.datasets.svhn as svhn_mod
+
+    monkeypatch.setattr(cifar_mod, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(svhn_mod, "check_integrity", lambda *a, **k: True)
+
+
+def test_cifar10_format_is_read_as_hwc_with_the_official_test_split(tmp_path, monkeypatch):
+    _skip_checksums(monkeypatch)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for i, name in enumerate(["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
+                              "test_batch"]):
+        data = rng.integers(0, 256, (20, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, 20)]
+        batches[name] = (data, labels)
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data, "labels": labels}, f)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+    splits = load_splits("cifar10", str(tmp_path), seed=0)
+    assert [len(splits[s]) for s in ("train", "calib", "test")] == [90, 10, 20]
+    test = splits["test"]
+    data, labels = batches["test_batch"]
+    assert test.class_names[3] == "class3" and test.labels.tolist() == labels
+    img = np.asarray(test.images[0])
+    assert img.shape == (32, 32, 3)
+    assert np.array_equal(img[..., 0].ravel(), data[0, :1024])  # CIFAR stores the red plane first
+    assert len(splits["train"].mean) == 3
+
+
+def test_svhn_format_maps_label_10_to_0(tmp_path, monkeypatch):
+    from scipy.io import savemat
+
+    _skip_checksums(monkeypatch)
+    rng = np.random.default_rng(1)
+    for name, n in (("train_32x32.mat", 30), ("test_32x32.mat", 12)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
+        y[0] = 10
+        savemat(str(tmp_path / name), {"X": x, "y": y})
+        if name.startswith("test"):
+            test_x, test_y = x, y
+    splits = load_splits("svhn", str(tmp_path))
+    test = splits["test"]
+    assert len(test) == 12 and test.labels[0] == 0 and set(test.labels.tolist()) <= set(range(10))
+    assert np.array_equal(np.asarray(test.images[3]), test_x[:, :, :, 3])
+
+
+def _tree(root, classes=("cat", "dog"), per_class=6, size=(12, 10)):
+    rng = np.random.default_rng(2)
+    for c in classes:
+        os.makedirs(root / c, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_imagefolder_trees_with_and_without_an_official_test_set(tmp_path):
+    _tree(tmp_path / "flat")
+    splits = load_splits("imagefolder", str(tmp_path / "flat"))
+    assert sum(len(s) for s in splits.values()) == 12 and splits["train"].class_names == ["cat", "dog"]
+    assert np.asarray(splits["train"].images[0]).shape == (12, 10, 3)
+    _tree(tmp_path / "split" / "train", per_class=8)
+    _tree(tmp_path / "split" / "test", per_class=3)
+    splits = load_splits("imagefolder", str(tmp_path / "split"))
+    assert len(splits["test"]) == 6 and len(splits["train"]) + len(splits["calib"]) == 16
+    _tree(tmp_path / "bad" / "train")
+    _tree(tmp_path / "bad" / "test", classes=("cat", "cow"))
+    with pytest.raises(DataError, match="different class folders"):
+        load_dataset("imagefolder", str(tmp_path / "bad"))
+
+
+# ---------------------------------------------------------------- a tiny build, end to end
+TINY = ["--epochs", "1", "--exit-epochs", "2", "--limit-train", "256", "--limit-calib", "300", "--limit-test",
+        "200", "--input-size", "16", "--exits", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    assert main(["build", "--out", str(out), "--max-drop", "0.05", *TINY]) == 0
+    return out
+
+
+def test_tiny_build_writes_a_complete_model_directory(tiny_build):
+    for name in ("config.json", "weights.pt", "tradeoff.csv", "tradeoff.png", "build_report.json",
+                 "checkpoints/backbone.pt"):
+        assert (tiny_build / name).is_file(), name
+    assert (tiny_build / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = load_model(str(tiny_build))
+    meta = model.config.meta
+    assert meta["dataset"] == "mnist5k" and meta["split_seed"] == 0 and "data_root" not in meta
+    assert meta["training"]["backbone"]["source"] == "trained" and meta["training"]["exits"]["objective"] == "pteenet"
+    cal = meta["calibration"]
+    assert cal["budget"] == {"max_drop": 0.05} and cal["samples"] == 300 and cal["policy"] == "confidence"
+    assert model.config.thresholds == cal["thresholds"]
+    assert len(cal["exit_rates"]) == model.num_exits and math.isclose(sum(cal["exit_rates"]), 1.0)
+    assert "with probability >= 0.9" in cal["guarantee"]["statement"]
+    test = cal["test"]
+    assert test["samples"] == 200 and test["routing_matches_records"]
+    assert test["guarantee_held"] == (test["drop"] <= cal["guarantee"]["drop_bound"] + 1e-12)
+
+
+def test_tiny_build_curve_and_csv_agree(tiny_build):
+    model = load_model(str(tiny_build))
+    curve = model.config.meta["calibration"]["curve"]
+    assert curve and all(len(p["thresholds"]) == model.num_exits - 1 for p in curve)
+    cheapest = min(p["cost_fraction"] for p in curve)
+    assert len(thresholds_for_budget(model.config, max(cheapest, 0.5))) == model.num_exits - 1
+    with open(tiny_build / "tradeoff.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["chosen"] for r in rows].count("1") == 1
+    chosen = next(r for r in rows if r["chosen"] == "1")
+    thr = [float(chosen[f"threshold_{k}"]) for k in range(model.num_exits - 1)]
+    assert thr == pytest.approx(model.config.thresholds, rel=1e-5)
+    assert float(rows[0]["calib_risk"]) == 0.0  # first row: every exit off
+
+
+def test_evaluate_reads_what_build_wrote(tiny_build, capsys):
+    code, out, _ = run_cli(capsys, "evaluate", str(tiny_build), "--json")
+    assert code == 0
+    result = json.loads(out)
+    report = json.loads((tiny_build / "build_report.json").read_text())
+    # evaluate uses the whole test split; the build measured the first 200 of the same split.
+    assert result["samples"] == 1000 and result["thresholds"] == pytest.approx(report["calibration"]["thresholds"])
+
+
+def test_resume_reuses_the_backbone_and_an_unreachable_budget_is_said(tiny_build, tmp_path, capsys):
+    out = tmp_path / "again"
+    os.makedirs(out / "checkpoints")
+    for f in ("backbone.pt", "backbone.pt.json"):
+        (out / "checkpoints" / f).write_bytes((tiny_build / "checkpoints" / f).read_bytes())
+    argv = ["build", "--out", str(out), "--resume", "--max-cost", "0.01", *[a for a in TINY if a != "--quiet"]]
+    code, stdout, _ = run_cli(capsys, *argv)
+    assert code == 0 and "resuming: backbone from" in stdout
+    meta = load_model(str(out)).config.meta
+    assert meta["training"]["backbone"]["resumed"] is True
+    assert meta["calibration"]["status"] == "unreachable" and meta["calibration"]["budget_met"] is False
+    assert "unreachable" in stdout
+    first, second = load_model(str(tiny_build)), load_model(str(out))
+    import torch
+
+    for a, b in zip(first.segments.parameters(), second.segments.parameters()):
+        assert torch.equal(a, b)
