@@ -127,6 +127,21 @@ async def prepare_request(predictor: Predictor, request: Request) -> Prepared:
     return await asyncio.to_thread(predictor.prepare, image, routing_params(request))
 
 
+def set_batching(batched: Any, config: dict[str, Any]) -> None:
+    """Apply ``max_batch_size`` / ``batch_wait_timeout_s`` from a ``user_config`` to a ``@serve.batch`` method.
+
+    Raises:
+        ValueError: unknown keys or out-of-range values (the deployment update then fails with this message).
+    """
+    unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s"}
+    if unknown:
+        raise ValueError(f"unknown user_config keys {sorted(unknown)}; use max_batch_size, batch_wait_timeout_s")
+    if "max_batch_size" in config:
+        batched.set_max_batch_size(int(config["max_batch_size"]))
+    if "batch_wait_timeout_s" in config:
+        batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+
 def error_response(exc: RequestError) -> JSONResponse:
     return JSONResponse({"error": str(exc), "status": exc.status}, status_code=exc.status)
 
@@ -175,10 +190,7 @@ class Stage:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: ``{max_batch_size: int, batch_wait_timeout_s: float}`` (either)."""
-        if "max_batch_size" in config:
-            self.run_batch.set_max_batch_size(int(config["max_batch_size"]))
-        if "batch_wait_timeout_s" in config:
-            self.run_batch.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+        set_batching(self.run_batch, config)
 
     async def __call__(self, sample: Sample) -> dict[str, Any]:
         out = await self.run_batch(sample)
@@ -297,8 +309,11 @@ class Baseline:
         torch.set_num_threads(_replica_threads())
         self.predictor = Predictor(model_dir, baseline=True)
         self.predictor.model.to(_device())
-        self.run_batch.set_max_batch_size(max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """``user_config``: ``{max_batch_size: int, batch_wait_timeout_s: float}`` (either)."""
+        set_batching(self.run_batch, config)
 
     @baseline_api.api_route("/predict", methods=["POST", "PUT"])
     async def predict(self, request: Request) -> Any:
@@ -330,8 +345,6 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(256, ge=1, description="per replica; >= max_batch_size or batches stay small")
     num_cpus: float = Field(1.0, gt=0, description="logical CPUs the stages share (split by their work), "
                                                     "or the baseline replica's; the config's deployments override")
-    routing: dict[str, Any] = Field(default_factory=dict,
-                                    description="app-wide thresholds/threshold/budget (the Ingress's user_config)")
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
@@ -363,10 +376,7 @@ def staged_app(args: AppArgs) -> serve.Application:
             name=f"Stage{k}", max_ongoing_requests=args.max_ongoing_requests,
             ray_actor_options={"num_cpus": max(0.01, round(args.num_cpus * shares[k], 2))},
         ).bind(args.model_dir, k, nxt, args.max_batch_size, args.batch_wait_timeout_s)
-    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests,
-                           user_config=dict(args.routing)).bind(args.model_dir, nxt)
-
-
+    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests).bind(args.model_dir, nxt)
 
 
 def baseline_app(args: AppArgs) -> serve.Application:

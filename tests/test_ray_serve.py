@@ -76,14 +76,17 @@ def reference(model_dir):
     return lambda data, params=None: predictor.predict([predictor.prepare(data, params or {})])[0]
 
 
-def config_for(model_dir: str, ingress_user_config=None) -> dict:
+def config_for(model_dir: str, ingress_user_config=None, stage0_user_config=None) -> dict:
     """ray_app/config.yaml with model_dir pointed at the test model (what a user edits)."""
     with open(CONFIG_YAML) as f:
         cfg = yaml.safe_load(f)
     for app in cfg["applications"]:
         app["args"].update(model_dir=model_dir, batch_wait_timeout_s=0.05)
-        if app["name"] == "staged" and ingress_user_config is not None:
-            next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"] = ingress_user_config
+        if app["name"] == "staged":
+            if ingress_user_config is not None:
+                next(d for d in app["deployments"] if d["name"] == "Ingress")["user_config"] = ingress_user_config
+            if stage0_user_config is not None:
+                app["deployments"].append({"name": "Stage0", "user_config": stage0_user_config})
     return cfg
 
 
@@ -206,19 +209,25 @@ def test_per_request_thresholds_change_exits(server, reference):
         assert_same(r.json(), reference(b, same))
 
 
-def test_app_thresholds_reconfigure_at_run_time_without_restarts(server, model_dir, reference):
-    images = [png(300 + i) for i in range(4)]
+def test_user_config_reconfigures_the_live_app_without_restarts(server, model_dir, reference):
+    images = [png(300 + i) for i in range(8)]
     before = stage_stats()
     try:
-        deploy(config_for(model_dir, {"thresholds": "inf,0"}))
+        deploy(config_for(model_dir, {"thresholds": "inf,0"}, {"max_batch_size": 1}))
         assert requests.get(f"{server}/thresholds", timeout=30).json() == {"thresholds": ["inf", 0.0]}
-        assert [post(f"{server}/predict", b).json()["exit"] for b in images] == [1] * len(images)
-        assert post(f"{server}/predict", images[0], {"threshold": "0"}).json()["exit"] == 0, "request wins"
-        # reconfigure, not a restart: the stages kept their counters
-        assert all(a["samples"] >= b["samples"] + 1 for a, b in zip(stage_stats()[:2], before[:2]))
+        with ThreadPoolExecutor(len(images)) as pool:
+            answers = [r.json() for r in pool.map(lambda b: post(f"{server}/predict", b), images)]
+        assert [a["exit"] for a in answers] == [1] * len(images)
+        assert post(f"{server}/predict", images[0], {"threshold": "0"}).json()["exit"] == 0, "the request wins"
+        after = stage_stats()
+        # reconfigure, not a restart: the stages kept their counters; stage 0 now runs one sample per batch
+        assert after[0]["samples"] - before[0]["samples"] == len(images) + 1
+        assert after[0]["batches"] - before[0]["batches"] == len(images) + 1
+        assert after[1]["samples"] - before[1]["samples"] == len(images)
     finally:
-        deploy(config_for(model_dir, {}))
-    for b in images:
+        deploy(config_for(model_dir, {}, {"max_batch_size": 32}))
+    assert requests.get(f"{server}/thresholds", timeout=30).json()["thresholds"] != ["inf", 0.0]
+    for b in images[:4]:
         assert_same(post(f"{server}/predict", b).json(), reference(b))
 
 
