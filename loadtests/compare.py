@@ -96,9 +96,9 @@ def compare(server: str, model_dir: str, out_dir: str, users: int = 8, duration:
             _say(f"warming up {variant} at {host}{path}")
             warm_up(host + path, pool_images[:32])
             _say(f"locust: {users} users for {duration} against {variant} (load generator on CPUs {sorted(load_set)})")
-            prefix, tally = run_locust(host, path, pool, os.path.join(out_dir, f"locust_{variant}"), users,
-                                       duration, load_set)
-            runs[variant] = read_run(prefix, tally)
+            tally = run_locust(host, path, pool, os.path.join(out_dir, f"locust_{variant}"), users,
+                               duration, load_set)
+            runs[variant] = read_run(tally)
     report = comparison(runs["early_exit"], runs["baseline"], len(config.exits) + 1, {
         "server": server, "model": config.backbone, "model_dir": model_dir, "users": users, "duration": duration,
         "pool_size": len(pool_images), "server_cpus": sorted(server_set), "load_cpus": sorted(load_set),

@@ -50,10 +50,16 @@ def _load_pool(environment, **_) -> None:
 
 @events.test_stop.add_listener
 def _write_tally(environment, **_) -> None:
+    """The answers' tally plus Locust's final aggregate stats (fired after every user has stopped,
+    so these counts include the last requests, which the interval-written ``_stats.csv`` may miss)."""
     out = environment.parsed_options.answers_out
-    if out:
-        with open(out, "w") as f:
-            json.dump({**TALLY, "exits": {str(k): v for k, v in sorted(TALLY["exits"].items())}}, f)
+    if not out:
+        return
+    total = environment.stats.total
+    stats = {"requests": total.num_requests, "failures": total.num_failures, "rps": total.total_rps,
+             **{f"p{q}": total.get_response_time_percentile(q / 100) for q in (50, 95, 99)}}
+    with open(out, "w") as f:
+        json.dump({**TALLY, "exits": {str(k): v for k, v in sorted(TALLY["exits"].items())}, "stats": stats}, f)
 
 
 class ClassifierUser(FastHttpUser):

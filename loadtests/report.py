@@ -41,21 +41,15 @@ class RunResult:
         return self.cost_fraction_sum / self.answers if self.answers else 0.0
 
 
-def read_run(csv_prefix: str, tally_path: str) -> RunResult:
-    """Read Locust's ``<prefix>_stats.csv`` (the Aggregated row) and the locustfile's tally JSON."""
-    with open(f"{csv_prefix}_stats.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["Name"] == "Aggregated"]
-    if not rows:
-        raise ValueError(f"{csv_prefix}_stats.csv has no Aggregated row: did Locust send any request?")
-    row = rows[0]
+def read_run(tally_path: str) -> RunResult:
+    """Read the locustfile's tally JSON: Locust's final aggregate stats and the answers' tally."""
     with open(tally_path) as f:
         tally = json.load(f)
-
-    def pct(key: str) -> float:
-        return float(row[key]) if row[key] not in ("", "N/A") else float("nan")
-
-    return RunResult(int(row["Request Count"]), int(row["Failure Count"]), float(row["Requests/s"]),
-                     pct("50%"), pct("95%"), pct("99%"), int(tally["answers"]), int(tally["correct"]),
+    st = tally["stats"]
+    if not st["requests"]:
+        raise ValueError(f"{tally_path}: Locust sent no request; is the server answering?")
+    return RunResult(int(st["requests"]), int(st["failures"]), float(st["rps"]), float(st["p50"]),
+                     float(st["p95"]), float(st["p99"]), int(tally["answers"]), int(tally["correct"]),
                      float(tally["cost_fraction_sum"]), {str(k): int(v) for k, v in tally["exits"].items()})
 
 

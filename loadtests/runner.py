@@ -72,8 +72,8 @@ def warm_up(url: str, images: Sequence[bytes], rounds: int = 2, timeout: float =
 
 
 def run_locust(host: str, predict_path: str, pool: str, out_prefix: str, users: int, duration: str,
-               cpus: set[int], query: str = "") -> tuple[str, str]:
-    """Run Locust headless against ``host``; returns (CSV prefix, tally JSON path).
+               cpus: set[int], query: str = "") -> str:
+    """Run Locust headless against ``host``; returns the tally JSON path (see the locustfile).
 
     Writes Locust's own ``<prefix>_stats.csv``, ``_stats_history.csv``, ``_failures.csv`` and an
     HTML report ``<prefix>.html``.
@@ -92,4 +92,4 @@ def run_locust(host: str, predict_path: str, pool: str, out_prefix: str, users: 
     if not os.path.isfile(tally) or not os.path.isfile(f"{out_prefix}_stats.csv"):
         raise RuntimeError(f"locust did not finish (exit {proc.returncode} after {time.monotonic() - started:.0f}s):\n"
                            f"{proc.stderr[-2000:]}")
-    return out_prefix, tally
+    return tally
