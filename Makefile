@@ -1,11 +1,14 @@
-# All set-up happens here: `make test` and `make demo` work on a fresh clone.
+# All set-up happens here: `make test` and `make demo` work on a fresh clone, offline.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= models/demo
+# Load-test settings of the demo (override: make demo USERS=16 DURATION=60s).
+USERS    ?= 8
+DURATION ?= 30s
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-ray demo-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +21,27 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-demo: $(STAMP)
-	$(BIN)/branched build --out $(DEMO_DIR)
+# Build the demo model once (reused by later runs); then show its accuracy/cost and the bench.
+demo-model: $(STAMP)
+	@if [ -f $(DEMO_DIR)/config.json ]; then echo "[demo] reusing $(DEMO_DIR) (rm -r it to rebuild)"; \
+	 else echo "[demo] building $(DEMO_DIR) on the bundled dataset"; $(BIN)/branched build --out $(DEMO_DIR); fi
+	@echo "[demo] evaluate on the test split"
 	$(BIN)/branched evaluate $(DEMO_DIR)
+	@echo "[demo] bench: plain backbone against routed model, batch 64, one process"
 	$(BIN)/branched bench $(DEMO_DIR) --batch-size 64
+
+# The main job: model -> .mar archives -> TorchServe -> Locust (early-exit, then baseline) -> report.
+demo: demo-model
+	@echo "[demo] archive for TorchServe"
+	$(BIN)/branched archive $(DEMO_DIR) --out archives
+	@echo "[demo] load test on TorchServe: $(USERS) users x $(DURATION) per model"
+	$(BIN)/branched loadtest --server torchserve --model-dir $(DEMO_DIR) --out reports/torchserve \
+		--users $(USERS) --duration $(DURATION)
+
+demo-ray: demo-model
+	@echo "[demo] load test on Ray Serve: $(USERS) users x $(DURATION) per model"
+	$(BIN)/branched loadtest --server ray --model-dir $(DEMO_DIR) --out reports/ray \
+		--users $(USERS) --duration $(DURATION)
 
 clean:
 	rm -rf $(VENV) archives/*.mar reports models
