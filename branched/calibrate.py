@@ -34,13 +34,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .guarantee import FAMILIES, P_VALUES, binomial_cdf, binomial_upper_bound, ltt_certify, p_value
 from .routing import exit_score
 
-__all__ = ["ExitRecords", "collect_records", "threshold_path", "binomial_cdf", "p_value", "ltt_certify",
+__all__ = ["ExitRecords", "collect_records", "collect_records_by_policy", "split_calibration", "choose_policy",
+           "Calibration", "threshold_path", "binomial_cdf", "p_value", "ltt_certify",
            "binomial_upper_bound", "calibrate", "FAMILIES", "P_VALUES"]
-
-FAMILIES = ("fixed_sequence", "bonferroni")
-P_VALUES = ("binomial", "hoeffding_bentkus")
 
 
 @dataclass
@@ -108,23 +107,25 @@ class ExitRecords:
 
 
 @torch.no_grad()
-def collect_records(model, x: torch.Tensor, y: torch.Tensor, policy: Optional[str] = None,
-                    batch_size: int = 256) -> ExitRecords:
-    """Run every stage of ``model`` on all of ``x`` once and record each exit's answer and cost.
+def collect_records_by_policy(model, x: torch.Tensor, y: torch.Tensor, policies: Sequence[str],
+                              batch_size: int = 256) -> dict[str, ExitRecords]:
+    """Run every stage of ``model`` on all of ``x`` once; record each exit's answer, cost and score
+    under each of ``policies`` (predictions and costs are shared).
 
     Per-sample costs come from each segment's ``forward_with_cost`` (input-dependent for LC-Net
     gated blocks) plus every exit head passed, as in :meth:`BranchedModel.step`. A gated model
     also records the plain backbone's predictions as the reference.
     """
-    policy = policy or model.config.policy
     model.eval()
     gated = bool(model.config.dynamic)
-    scores, preds, costs, reference = [], [], [], []
+    scores: dict[str, list] = {p: [] for p in policies}
+    preds, costs, reference = [], [], []
     exit_flops = torch.tensor(model.cost.exit_flops, dtype=torch.float64)
     for i in range(0, len(x), batch_size):
         h = x[i:i + batch_size]
         spent = torch.zeros(len(h), dtype=torch.float64)
-        s_b, p_b, c_b = [], [], []
+        s_b: dict[str, list] = {p: [] for p in policies}
+        p_b, c_b = [], []
         for k in range(model.num_exits):
             h, f = model.segments[k].forward_with_cost(h)
             spent = spent + f.to(torch.float64).cpu() + exit_flops[k]
@@ -132,15 +133,26 @@ def collect_records(model, x: torch.Tensor, y: torch.Tensor, policy: Optional[st
             p_b.append(out.logits.argmax(1))
             c_b.append(spent.clone())
             if k < model.num_exits - 1:
-                s_b.append(exit_score(out, policy).double())
-        scores.append(torch.stack(s_b, 1) if s_b else torch.zeros(len(h), 0, dtype=torch.float64))
+                for p in policies:
+                    s_b[p].append(exit_score(out, p).double())
+        for p in policies:
+            scores[p].append(torch.stack(s_b[p], 1) if s_b[p] else torch.zeros(len(h), 0, dtype=torch.float64))
         preds.append(torch.stack(p_b, 1))
         costs.append(torch.stack(c_b, 1))
         if gated:
             reference.append(model.backbone_forward(x[i:i + batch_size]).argmax(1))
     total = float(model.cost.backbone_flops)
-    return ExitRecords(torch.cat(scores).numpy(), torch.cat(preds).numpy(), torch.cat(costs).numpy() / total,
-                       y.numpy().copy(), torch.cat(reference).numpy() if gated else None)
+    shared = (torch.cat(preds).numpy(), torch.cat(costs).numpy() / total, y.numpy().copy(),
+              torch.cat(reference).numpy() if gated else None)
+    return {p: ExitRecords(torch.cat(scores[p]).numpy(), shared[0], shared[1], shared[2], shared[3])
+            for p in policies}
+
+
+def collect_records(model, x: torch.Tensor, y: torch.Tensor, policy: Optional[str] = None,
+                    batch_size: int = 256) -> ExitRecords:
+    """:func:`collect_records_by_policy` for one policy (the model's own by default)."""
+    policy = policy or model.config.policy
+    return collect_records_by_policy(model, x, y, [policy], batch_size)[policy]
 
 
 # ---------------------------------------------------------------- the threshold path
@@ -195,85 +207,43 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
     return path
 
 
-# ---------------------------------------------------------------- p-values and Learn-then-Test
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """``P(Bin(n, p) <= k)``, summed in log space (exact for the sizes a calibration split has)."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-            for i in range(k + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
-
-
-def _kl_bernoulli(a: float, b: float) -> float:
-    def term(x: float, y: float) -> float:
-        return 0.0 if x == 0 else x * math.log(x / y)
-    return term(a, b) + term(1 - a, 1 - b)
-
-
-def p_value(errors: int, n: int, epsilon: float, method: str = "binomial") -> float:
-    """p-value of ``H: risk > epsilon`` after ``errors`` losses in ``n`` samples.
-
-    Args:
-        errors: number of samples with loss 1.
-        n: number of samples.
-        epsilon: the risk level tested.
-        method: ``"binomial"`` (exact for a Bernoulli loss) or ``"hoeffding_bentkus"``
-            (Bates et al. 2021; valid for any loss in [0, 1], more conservative).
-    """
-    if n == 0:
-        return 1.0
-    if method == "binomial":
-        return binomial_cdf(errors, n, epsilon)
-    if method == "hoeffding_bentkus":
-        r = errors / n
-        hoeffding = math.exp(-n * _kl_bernoulli(min(r, epsilon), epsilon))
-        bentkus = math.e * binomial_cdf(math.ceil(n * r), n, epsilon)
-        return min(1.0, hoeffding, bentkus)
-    raise ValueError(f"p-value method must be one of {', '.join(P_VALUES)}, got {method!r}")
-
-
-def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_sequence") -> list[bool]:
-    """Which hypotheses Learn-then-Test rejects at family-wise error ``delta``.
-
-    Args:
-        p_values: one per hypothesis, in the fixed order chosen before looking at the data tested.
-        delta: family-wise error rate.
-        family: ``"fixed_sequence"`` (test each at ``delta`` in order, stop at the first failure)
-            or ``"bonferroni"`` (each at ``delta / m``).
-    """
-    if family == "fixed_sequence":
-        out, going = [], True
-        for p in p_values:
-            going = going and p <= delta
-            out.append(going)
-        return out
-    if family == "bonferroni":
-        m = max(len(p_values), 1)
-        return [p <= delta / m for p in p_values]
-    raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-
-
-def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
-    """One-sided ``1 - delta`` Clopper-Pearson upper bound on a Bernoulli mean."""
-    if n == 0:
-        return 1.0
-    if errors >= n:
-        return 1.0
-    lo, hi = errors / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if binomial_cdf(errors, n, mid) > delta else (lo, mid)
-    return hi
-
-
 # ---------------------------------------------------------------- choosing an operating point
+def split_calibration(n: int, path_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, disjoint (path, certify) index sets of the calibration records."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_path = int(round(path_fraction * n))
+    if n_path < 2 or n - n_path < 2:
+        raise ValueError(f"{n} calibration samples are too few to build and certify thresholds")
+    return perm[:n_path], perm[n_path:]
+
+
+def choose_policy(records: dict[str, ExitRecords], max_drop: Optional[float] = None,
+                  max_cost: Optional[float] = None, path_fraction: float = 0.3, seed: int = 0,
+                  levels: int = 50) -> tuple[str, dict[str, float]]:
+    """The exit policy whose threshold path does best on the *path* part of the calibration split.
+
+    Only the path part is looked at (the same seeded split :func:`calibrate` makes), so the
+    certify part stays untouched and the Learn-then-Test guarantee keeps its validity.
+    Score: with ``max_cost``, the best accuracy within the budget; otherwise the least cost at
+    disagreement risk <= ``max_drop`` (default 0.01). Ties go to the first policy given.
+
+    Returns:
+        The chosen policy and each policy's score (higher is better).
+    """
+    eps = 0.01 if max_drop is None and max_cost is None else max_drop
+    scores: dict[str, float] = {}
+    for name, rec in records.items():
+        part = rec.subset(split_calibration(len(rec), path_fraction, seed)[0])
+        points = [part.point(t) for t in threshold_path(part, levels)]
+        if max_cost is not None:
+            fits = [p["accuracy"] for p in points if p["cost_fraction"] <= max_cost + 1e-12]
+            scores[name] = max(fits) if fits else -math.inf
+        else:
+            scores[name] = -min(p["cost_fraction"] for p in points if p["risk"] <= eps)
+    best = max(scores.values())
+    return next(n for n, v in scores.items() if v == best), scores
+
+
 @dataclass
 class Calibration:
     """The outcome of :func:`calibrate`.
@@ -350,12 +320,10 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         raise ValueError(f"select must be 'ltt' or 'empirical', got {select!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-    perm = np.random.default_rng(seed).permutation(len(records))
-    n_path = int(round(path_fraction * len(records)))
-    if n_path < 2 or len(records) - n_path < 2:
-        raise ValueError(f"{len(records)} calibration samples are too few to build and certify thresholds")
-    path = threshold_path(records.subset(perm[:n_path]), levels)
-    certify = records.subset(perm[n_path:])
+    path_index, certify_index = split_calibration(len(records), path_fraction, seed)
+    n_path = len(path_index)
+    path = threshold_path(records.subset(path_index), levels)
+    certify = records.subset(certify_index)
     calib_points = [records.point(t) for t in path]
     certify_points = [certify.point(t) for t in path]
     n_cert, m = len(certify), max(len(path) - (1 if records.last_exit_is_backbone else 0), 1)

@@ -154,7 +154,11 @@ def test_tiny_build_writes_a_complete_model_directory(tiny_build):
     assert meta["dataset"] == "mnist5k" and meta["split_seed"] == 0 and "data_root" not in meta
     assert meta["training"]["backbone"]["source"] == "trained" and meta["training"]["exits"]["objective"] == "pteenet"
     cal = meta["calibration"]
-    assert cal["budget"] == {"max_drop": 0.05} and cal["samples"] == 300 and cal["policy"] == "confidence"
+    assert cal["budget"] == {"max_drop": 0.05} and cal["samples"] == 300
+    # --policy auto: every policy scored on the path part, the best one stored as the model's.
+    scores = cal["policy_selection"]["scores"]
+    assert set(scores) == {"confidence", "max_softmax", "entropy"}
+    assert cal["policy"] == model.config.policy and scores[cal["policy"]] == max(scores.values())
     assert model.config.thresholds == cal["thresholds"]
     assert len(cal["exit_rates"]) == model.num_exits and math.isclose(sum(cal["exit_rates"]), 1.0)
     assert "with probability >= 0.9" in cal["guarantee"]["statement"]
@@ -192,12 +196,14 @@ def test_resume_reuses_the_backbone_and_an_unreachable_budget_is_said(tiny_build
     os.makedirs(out / "checkpoints")
     for f in ("backbone.pt", "backbone.pt.json"):
         (out / "checkpoints" / f).write_bytes((tiny_build / "checkpoints" / f).read_bytes())
-    argv = ["build", "--out", str(out), "--resume", "--max-cost", "0.01", *[a for a in TINY if a != "--quiet"]]
+    argv = ["build", "--out", str(out), "--resume", "--max-cost", "0.01", "--policy", "entropy",
+            *[a for a in TINY if a != "--quiet"]]
     code, stdout, _ = run_cli(capsys, *argv)
     assert code == 0 and "resuming: backbone from" in stdout
     meta = load_model(str(out)).config.meta
     assert meta["training"]["backbone"]["resumed"] is True
     assert meta["calibration"]["status"] == "unreachable" and meta["calibration"]["budget_met"] is False
+    assert meta["calibration"]["policy"] == "entropy"
     assert "unreachable" in stdout
     first, second = load_model(str(tiny_build)), load_model(str(out))
     import torch
