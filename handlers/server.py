@@ -58,8 +58,9 @@ class TorchServe:
     def __init__(self, model_store: str, workdir: str, models: Mapping[str, str],
                  config: str = os.path.join(REPO_ROOT, "config.properties"),
                  cpus: Optional[set[int]] = None) -> None:
-        self.model_store, self.workdir, self.models = model_store, workdir, dict(models)
-        self.cpus = cpus
+        # TorchServe runs in ``workdir``: relative paths would resolve against it.
+        self.model_store, self.workdir = os.path.abspath(model_store), os.path.abspath(workdir)
+        self.models, self.cpus = dict(models), cpus
         self.props = _properties(config)
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_inf", "grpc_mgmt")}
         self.tmp = os.path.join(workdir, "tmp")
@@ -118,7 +119,9 @@ class TorchServe:
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         preexec_fn=self._pin if self.cpus else None)
         self.pgid = launcher.pid
-        launcher.wait(timeout=60)
+        if launcher.wait(timeout=60) != 0:
+            with open(os.path.join(self.workdir, "stdout.log"), errors="replace") as f:
+                raise RuntimeError(f"torchserve --start failed: {f.read()[-2000:].strip()}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(self._ready(name) for name in self.models):

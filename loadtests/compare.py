@@ -143,8 +143,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    report = compare(args.server, args.model_dir, args.out or os.path.join("reports", args.server), args.users,
-                     args.duration, args.pool_size, args.server_cpus, args.batch_size, args.max_batch_delay)
+    from branched.cli import fail
+
+    try:
+        report = compare(args.server, args.model_dir, args.out or os.path.join("reports", args.server), args.users,
+                         args.duration, args.pool_size, args.server_cpus, args.batch_size, args.max_batch_delay)
+    except RuntimeError as exc:  # a server that did not start, Locust that did not run: say why, in one go
+        fail(f"load test on {args.server} failed: {exc}")
     if args.json:
         print(json.dumps(report))
     else:
