@@ -96,12 +96,13 @@ def write_report(report: dict[str, Any], out_dir: str) -> list[str]:
     names = ["baseline", "early-exit"]
     axes[0].bar(names, [report["baseline_rps"], report["early_exit_rps"]], color=["#888", "#2a7"])
     axes[0].set_title(f"throughput (req/s): gain {report['gain']:.2f}x, ideal {report['ideal_speedup']:.2f}x")
-    for i, q in enumerate(("p50", "p95", "p99")):
-        axes[1].bar([i - 0.2, i + 0.2], [report["baseline_latency_ms"][q], report["early_exit_latency_ms"][q]],
-                    width=0.4, color=["#888", "#2a7"])
-    axes[1].set_xticks(range(3), ["p50", "p95", "p99"])
+    quantiles = ("p50", "p95", "p99")
+    for offset, key, name, color in ((-0.2, "baseline", "baseline", "#888"), (0.2, "early_exit", "early-exit", "#2a7")):
+        axes[1].bar([i + offset for i in range(3)], [report[f"{key}_latency_ms"][q] for q in quantiles],
+                    width=0.4, color=color, label=name)
+    axes[1].set_xticks(range(3), quantiles)
     axes[1].set_title("latency (ms)")
-    axes[1].legend(names)
+    axes[1].legend()
     axes[2].bar([str(k) for k in range(len(report["exit_rates"]))], report["exit_rates"], color="#2a7")
     axes[2].set_title("served exit mix (last = backbone head)")
     axes[2].set_xlabel("exit")
