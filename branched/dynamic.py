@@ -24,7 +24,7 @@ core's plain-backbone path (``backbone_forward``, ``without_exits``, the FLOP ta
 """
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -40,7 +40,9 @@ __all__ = ["MODES", "GateDecision", "Gate", "ResidualBranch", "GatedBlock", "gat
 
 MODES = ("layer", "channel", "both")
 DEFAULT_HIDDEN = 16
-_KEEP_BIAS = 3.0  # a fresh gate keeps everything (sigmoid(3) = 0.95), so training starts at the backbone
+# A fresh gate keeps everything (logit 1 > 0), so training starts at the backbone; the keep
+# probability sigmoid(1) = 0.73 is far enough from saturation for the cost term to move it.
+_KEEP_BIAS = 1.0
 
 
 @dataclass
@@ -63,10 +65,17 @@ class GateDecision:
     channel_prob: Optional[torch.Tensor]
 
 
-def _straight_through(logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """Binary Gumbel-softmax sample: hard 0/1 forward, relaxed sigmoid gradient backward."""
-    u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
-    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+def _straight_through(logits: torch.Tensor, tau: float, noise: float) -> torch.Tensor:
+    """Binary Gumbel-softmax sample: hard 0/1 forward, relaxed sigmoid gradient backward.
+
+    ``noise`` scales the logistic (Gumbel difference) noise; 0 gives the plain straight-through
+    estimator of the deterministic decision that inference takes.
+    """
+    soft_in = logits
+    if noise > 0:
+        u = torch.rand_like(logits).clamp_(1e-6, 1.0 - 1e-6)
+        soft_in = logits + noise * (torch.log(u) - torch.log1p(-u))
+    soft = torch.sigmoid(soft_in / tau)
     hard = (soft > 0.5).to(soft.dtype)
     return hard + soft - soft.detach()
 
@@ -105,18 +114,18 @@ class Gate(nn.Module):
         """FLOPs per sample, as the flop counter counts two linear layers (2 * in * out each)."""
         return 2 * (self.fc1.in_features * self.fc1.out_features + self.fc2.in_features * self.fc2.out_features)
 
-    def forward(self, x: torch.Tensor, relaxed: bool = False, tau: float = 1.0) -> GateDecision:
+    def forward(self, x: torch.Tensor, relaxed: bool = False, tau: float = 1.0, noise: float = 1.0) -> GateDecision:
         z = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
         lk = ls = lp = ck = cs = cp = None
         if self.layer:
             lp = torch.sigmoid(z[:, 0])
-            lk = _straight_through(z[:, 0], tau) if relaxed else (z[:, 0] > 0).to(z.dtype)
+            lk = _straight_through(z[:, 0], tau, noise) if relaxed else (z[:, 0] > 0).to(z.dtype)
             ls = 2.0 * torch.sigmoid(z[:, 1])
         if self.channels:
             s = 2 * int(self.layer)
             logits = z[:, s:s + self.channels]
             cp = torch.sigmoid(logits)
-            ck = _straight_through(logits, tau) if relaxed else (logits > 0).to(z.dtype)
+            ck = _straight_through(logits, tau, noise) if relaxed else (logits > 0).to(z.dtype)
             cs = 2.0 * torch.sigmoid(z[:, s + self.channels:])
         return GateDecision(lk, ls, ck, cs, lp, cp)
 
@@ -180,18 +189,22 @@ class GatedBlock(nn.Module):
     """A torchvision ResNet block (Basic or Bottleneck) with an LC-Net gate.
 
     Args:
-        block: the block; kept as ``self.block`` (its weights are shared, not copied).
+        block: the block; the gated path runs it as ``self.block`` (its weights are shared, not copied).
         layer: add a layer gate (the block must have an identity shortcut).
         channel: add a channel gate over the first conv's output channels.
         hidden: width of the gate's hidden layer.
+        finetune: give the gated path its own copy of the block to fine-tune with the gates
+            (``self.block``); ``self.original`` stays the plain backbone's block.
 
     Attributes:
         relaxed: training mode of the gate (straight-through Gumbel decisions, expected cost kept
             in ``expected_flops``); set by :func:`branched.dynamic_train.train_gates`.
         tau: Gumbel-softmax temperature while relaxed.
+        noise: scale of the Gumbel noise while relaxed (0: plain straight-through).
     """
 
-    def __init__(self, block: nn.Module, layer: bool, channel: bool, hidden: int = DEFAULT_HIDDEN) -> None:
+    def __init__(self, block: nn.Module, layer: bool, channel: bool, hidden: int = DEFAULT_HIDDEN,
+                 finetune: bool = False) -> None:
         super().__init__()
         if not isinstance(block, (BasicBlock, Bottleneck)):
             raise TypeError(f"LC-Net gates wrap ResNet blocks, not {type(block).__name__}")
@@ -199,12 +212,15 @@ class GatedBlock(nn.Module):
             raise ValueError("a block with a downsampling shortcut cannot be skipped (its output shape differs)")
         if channel and block.conv1.groups != 1:
             raise ValueError("channel gates need an ungrouped first conv")
-        self.block = block
+        # Fine-tuned gated blocks train a copy: the plain backbone (the baseline) keeps its weights.
+        self.original = block if finetune else None
+        self.block = copy.deepcopy(block) if finetune else block
         self.in_channels = block.conv1.in_channels
         self.mid_channels = block.conv1.out_channels
         self.gate = Gate(self.in_channels, hidden, layer, self.mid_channels if channel else 0)
         self.relaxed = False
         self.tau = 1.0
+        self.noise = 1.0
         self.expected_flops: Optional[torch.Tensor] = None
         self._flop_cache: dict[tuple[int, int], tuple[int, int]] = {}
         self.branch = ResidualBranch()
@@ -222,7 +238,12 @@ class GatedBlock(nn.Module):
     @property
     def ungated(self) -> nn.Module:
         """The original block: the plain backbone's path through this position."""
-        return self.block
+        return self.block if self.original is None else self.original
+
+    @property
+    def finetuned(self) -> bool:
+        """True when the gated path runs its own (fine-tuned) copy of the block."""
+        return self.original is not None
 
     def _resolve_parts(self) -> None:
         """(conv, bn-or-None) stages of the residual branch and of the shortcut, by name.
@@ -244,10 +265,13 @@ class GatedBlock(nn.Module):
         """Fold BN into the convs of the wrapped block (gated and plain paths alike); serving only."""
         from torch.fx.experimental.optimization import fuse
 
-        try:
-            self.block = fuse(self.block.eval())
-        except Exception:  # noqa: BLE001 - untraceable: keep BN unfolded
-            return
+        for name in ("block", "original"):
+            module = getattr(self, name)
+            if module is not None:
+                try:
+                    setattr(self, name, fuse(module.eval()))
+                except Exception:  # noqa: BLE001 - untraceable: keep BN unfolded
+                    pass
         self._resolve_parts()
 
     # ------------------------------------------------------------------ cost
@@ -275,13 +299,18 @@ class GatedBlock(nn.Module):
         return self._flop_cache[key]
 
     def _expected_flops(self, x: torch.Tensor, d: GateDecision) -> torch.Tensor:
-        """Differentiable per-sample FLOPs under the keep probabilities (the training cost term)."""
+        """Per-sample FLOPs of the sampled decisions, differentiable through their relaxation (the cost term).
+
+        The straight-through samples are 0/1 forward, so the value is the FLOPs these decisions
+        would spend alone; the gradient is the relaxed sigmoid's, which saturates no sooner than
+        the task loss's (a cost on the keep probabilities stalls once they saturate).
+        """
         fixed, per_channel = self.flop_parts(x.shape[-2], x.shape[-1])
         block = x.new_full((x.shape[0],), float(fixed))
-        if d.channel_prob is not None:
-            block = block + per_channel * d.channel_prob.sum(dim=1)
-        if d.layer_prob is not None:
-            block = block * d.layer_prob
+        if d.channel_keep is not None:
+            block = block + per_channel * d.channel_keep.sum(dim=1)
+        if d.layer_keep is not None:
+            block = block * d.layer_keep
         return block + self.gate.flops
 
     # ------------------------------------------------------------------ compute
@@ -299,7 +328,7 @@ class GatedBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """All rows and channels computed, decisions applied as masks (training and reference path)."""
-        d = self.gate(x, self.relaxed, self.tau)
+        d = self.gate(x, self.relaxed, self.tau, self.noise)
         mult = d.channel_keep * d.channel_scale if d.channel_keep is not None else None
         y = self._finish(x, self.branch(x, None, mult), d.layer_scale)
         if d.layer_keep is not None:
@@ -363,7 +392,7 @@ def _eligible(block: nn.Module, mode: str) -> tuple[bool, bool]:
 
 
 def gate_settings(backbone: Backbone, mode: str, hidden: int = DEFAULT_HIDDEN,
-                  blocks: Optional[list[str]] = None, **extra: Any) -> dict[str, Any]:
+                  blocks: Optional[list[str]] = None, finetune: bool = True, **extra: Any) -> dict[str, Any]:
     """The ``config.dynamic`` dict for gating ``backbone``, with the gated blocks spelled out.
 
     Args:
@@ -372,6 +401,9 @@ def gate_settings(backbone: Backbone, mode: str, hidden: int = DEFAULT_HIDDEN,
         hidden: gate hidden width.
         blocks: block names to gate; default every residual block that can take a gate under ``mode``
             (layer gates need an identity shortcut, so downsampling blocks get channel gates only).
+        finetune: the gated blocks get their own copy of the weights, trained with the gates
+            (:class:`GatedBlock`); the plain backbone keeps the original weights. Without it the
+            gates must work with the frozen blocks, which costs far more accuracy at a given budget.
         extra: further keys recorded as they are (e.g. ``target_cost``).
 
     Raises:
@@ -393,7 +425,7 @@ def gate_settings(backbone: Backbone, mode: str, hidden: int = DEFAULT_HIDDEN,
         if not any(_eligible(by_name[name], mode)):
             raise ValueError(f"block {name!r} of {backbone.name} cannot take a {mode} gate "
                              f"(layer gates need a residual block with an identity shortcut)")
-    return {"mode": mode, "hidden": int(hidden), "blocks": list(blocks), **extra}
+    return {"mode": mode, "hidden": int(hidden), "blocks": list(blocks), "finetune": bool(finetune), **extra}
 
 
 def apply_gates(backbone: Backbone, settings: Mapping[str, Any]) -> Backbone:
@@ -401,23 +433,24 @@ def apply_gates(backbone: Backbone, settings: Mapping[str, Any]) -> Backbone:
 
     Args:
         backbone: the backbone (its blocks are wrapped, not copied).
-        settings: ``config.dynamic``: ``mode``, ``hidden`` and ``blocks`` (see :func:`gate_settings`).
+        settings: ``config.dynamic``: ``mode``, ``hidden``, ``blocks`` and ``finetune`` (see :func:`gate_settings`).
     """
     mode = settings.get("mode")
-    resolved = gate_settings(backbone, mode, int(settings.get("hidden", DEFAULT_HIDDEN)), settings.get("blocks"))
+    resolved = gate_settings(backbone, mode, int(settings.get("hidden", DEFAULT_HIDDEN)), settings.get("blocks"),
+                             bool(settings.get("finetune", False)))
     chosen = set(resolved["blocks"])
     blocks = []
     for name, block in backbone.blocks:
         if name in chosen and not isinstance(block, GatedBlock):
             layer, channel = _eligible(block, mode)
-            block = GatedBlock(block, layer, channel, resolved["hidden"])
+            block = GatedBlock(block, layer, channel, resolved["hidden"], resolved["finetune"])
         blocks.append((name, block))
     return Backbone(backbone.name, blocks, backbone.head, backbone.num_classes, backbone.default_input_size,
                     backbone.model)
 
 
 def add_gates(model, mode: str, hidden: int = DEFAULT_HIDDEN, blocks: Optional[list[str]] = None,
-              **extra: Any):
+              finetune: bool = True, **extra: Any):
     """A gated copy of a :class:`~branched.model.BranchedModel` that shares its backbone and exits.
 
     The exits keep their weights; train the gates (:func:`branched.dynamic_train.train_gates`)
@@ -425,7 +458,7 @@ def add_gates(model, mode: str, hidden: int = DEFAULT_HIDDEN, blocks: Optional[l
 
     Args:
         model: an un-optimised branched model (with or without exits), not yet gated.
-        mode, hidden, blocks, extra: see :func:`gate_settings`.
+        mode, hidden, blocks, finetune, extra: see :func:`gate_settings`.
     """
     from .model import BranchedModel, ModelConfig
 
@@ -433,7 +466,7 @@ def add_gates(model, mode: str, hidden: int = DEFAULT_HIDDEN, blocks: Optional[l
     holder = nn.ModuleList(b for _, b in pairs)
     plain = Backbone(model.config.backbone, pairs, model.exits[-1].head, model.config.num_classes,
                      model.config.input_size, holder)
-    settings = gate_settings(plain, mode, hidden, blocks, **extra)
+    settings = gate_settings(plain, mode, hidden, blocks, finetune, **extra)
     config = ModelConfig(**{**model.config.to_dict(), "dynamic": settings})
     gated = BranchedModel(config, apply_gates(plain, settings))
     for new, old in zip(gated.exits[:-1], model.exits[:-1]):

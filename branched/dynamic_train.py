@@ -1,19 +1,22 @@
-"""Training LC-Net gates to a FLOPs budget on a frozen backbone.
+"""Training LC-Net gates to a FLOPs budget.
 
-Only the gates learn (the keep decisions and the scales); the backbone's weights and BN statistics
-stay as they were, as for the exits (PTEENet), so the plain backbone remains the baseline and the
-artifact's FLOP table stays valid. Decisions are relaxed with straight-through binary
-Gumbel-softmax (hard 0/1 forward, sigmoid gradient backward), and the loss is
+The gates learn the keep decisions and the scales. The plain backbone never changes (it stays the
+baseline, as for the exits): with ``finetune`` gates (:func:`branched.dynamic.add_gates`) each gated
+block trains its own copy of the block's weights together with its gate (BN in training mode);
+without, the gated path runs the frozen block as it is. Decisions are relaxed with straight-through binary
+Gumbel-softmax (hard 0/1 forward, sigmoid gradient backward; the noise is annealed away so training
+ends on the decisions inference takes), and the loss is
 
     cross-entropy(head logits, labels)
     + distill * T^2 * KL(backbone soft targets || gated soft targets)    (optional)
-    + lambda * (mean expected cost fraction - target_cost)
+    + lambda * max(0, mean cost fraction - target_cost)
 
 with the multiplier ``lambda >= 0`` raised by dual ascent while the batch is over budget and
 lowered while it is under (``lambda <- max(0, lambda + dual_lr * (cost - target))``), so the
-budget is met whatever the scale of the task loss, and accuracy takes back what the budget allows.
-where a sample's expected cost sums every gated block's ``gate + p_keep * (fixed + per_channel
-* sum(p_channel))`` (:meth:`branched.dynamic.GatedBlock._expected_flops`) and the static FLOPs of the
+budget is met whatever the scale of the task loss; under budget the term is silent and accuracy
+takes back what the budget allows.
+where a sample's cost sums every gated block's ``gate + keep * (fixed + per_channel * sum(keep_channel))``
+over the sampled (straight-through) decisions (:meth:`branched.dynamic.GatedBlock._expected_flops`) and the static FLOPs of the
 ungated blocks and the head, over the plain backbone's FLOPs. Exits are not part of this loss:
 train them afterwards, on the gated features.
 """
@@ -47,8 +50,8 @@ def _head_logits(model, x: torch.Tensor) -> torch.Tensor:
 
 def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost: float, epochs: int = 10,
                 batch_size: int = 64, lr: float = 1e-2, cost_weight: float = 1.0, dual_lr: float = 0.5,
-                distill: float = 1.0, temperature: float = 4.0, tau: float = 1.0, seed: int = 0,
-                progress: bool = True) -> dict:
+                distill: float = 1.0, temperature: float = 4.0, tau: float = 1.0, noise: float = 1.0,
+                finetune_lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
     """Train the gates of ``model`` (a gated :class:`~branched.model.BranchedModel`) in place.
 
     Args:
@@ -63,6 +66,10 @@ def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost
         distill: weight of distillation from the plain (ungated) backbone; 0 turns it off.
         temperature: distillation temperature.
         tau: Gumbel-softmax temperature.
+        noise: initial scale of the Gumbel noise; it decays linearly to 0 over the first 3/4 of the
+            steps, so the last quarter trains (plain straight-through) the deterministic decisions
+            that inference takes.
+        finetune_lr: Adam learning rate of the gated blocks' own weights (fine-tuned gates only).
         seed: shuffling and Gumbel-noise seed.
         progress: show a tqdm bar.
 
@@ -89,28 +96,37 @@ def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost
             teacher_logits = torch.cat([model.backbone_forward(train_x[i:i + 256])
                                         for i in range(0, len(train_x), 256)])
     params = [p for g in gates for p in g.gate.parameters()]
+    tuned = [g.block for g in gates if g.finetuned]
+    tuned_params = [p for b in tuned for p in b.parameters()]
     saved_grad = {p: p.requires_grad for p in model.parameters()}
     saved_mode = model.training
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in params:
+    for p in params + tuned_params:
         p.requires_grad_(True)
-    model.eval()  # BN keeps the backbone's statistics; only the gates learn
+    model.eval()  # the plain backbone keeps its BN statistics
+    for b in tuned:
+        b.train()  # fine-tuned copies adapt their BN statistics to the gated features
     for g in gates:
-        g.relaxed, g.tau = True, tau
+        g.relaxed, g.tau, g.noise = True, tau, noise
     lam = float(cost_weight)
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": params, "lr": lr}] + ([{"params": tuned_params, "lr": finetune_lr}] if tuned else [])
+    opt = torch.optim.Adam(groups)
     steps = epochs * math.ceil(len(train_x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     history = []
+    step = 0
     bar = tqdm(range(epochs), desc="train gates", unit="epoch", disable=not progress)
     try:
         for _ in bar:
             order = torch.randperm(len(train_x), generator=gen)
             sums = {"loss": 0.0, "cost_fraction": 0.0, "accuracy": 0.0}
             for i in range(0, len(order), batch_size):
+                for g in gates:
+                    g.noise = noise * max(0.0, 1.0 - step / (0.75 * steps))
+                step += 1
                 idx = order[i:i + batch_size]
                 x, y = train_x[idx], train_y[idx]
                 logits = _head_logits(model, x)
@@ -121,7 +137,7 @@ def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost
                         reduction="batchmean")
                 cost = (fixed + sum(g.expected_flops for g in gates)) / backbone_flops
                 over = cost.mean() - target_cost
-                loss = loss + lam * over
+                loss = loss + lam * F.relu(over)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -143,4 +159,6 @@ def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost
         model.train(saved_mode)
     return {"target_cost": target_cost, "epochs": epochs, "batch_size": batch_size, "lr": lr,
             "cost_weight": cost_weight, "dual_lr": dual_lr, "distill": distill, "temperature": temperature, "tau": tau,
-            "seed": seed, "backbone_frozen": True, "final": history[-1] if history else None}
+            "noise": noise,
+            "finetune_lr": finetune_lr if tuned else None, "finetuned_blocks": len(tuned), "seed": seed,
+            "final": history[-1] if history else None}

@@ -171,24 +171,33 @@ def test_gates_and_exits_compose_through_routed_forward(mode):
             assert alone.flops.item() <= routed.flops[i].item()
 
 
-def test_gated_model_round_trips_through_the_artifact(tmp_path):
-    gated = add_gates(plain_model(n_exits=2), "both", target_cost=0.5).eval()
+@pytest.mark.parametrize("finetune", [False, True], ids=["shared", "finetune"])
+def test_gated_model_round_trips_through_the_artifact(tmp_path, finetune):
+    gated = add_gates(plain_model(n_exits=2), "both", finetune=finetune, target_cost=0.5).eval()
     randomize(gated)
+    if finetune:  # the gated path's own weights differ from the plain backbone's
+        for b in gated_blocks(gated):
+            torch.nn.init.normal_(b.block.conv2.weight, 0.0, 0.05)
     save_model(gated, str(tmp_path / "m"))
     loaded = load_model(str(tmp_path / "m"))
     assert loaded.config.dynamic == gated.config.dynamic
     assert len(gated_blocks(loaded)) == len(gated_blocks(gated))
     x = torch.randn(10, 3, 32, 32)
+    assert torch.equal(gated.backbone_forward(x), loaded.backbone_forward(x))
     for thr in (None, off(gated), [0.0, 0.0]):
         a, b = gated.routed_forward(x, thr), loaded.routed_forward(x, thr)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_index, b.exit_index)
         assert torch.equal(a.flops, b.flops)
 
 
-def test_serving_optimisation_keeps_gated_answers_and_baseline_is_the_plain_backbone():
+@pytest.mark.parametrize("finetune", [False, True], ids=["shared", "finetune"])
+def test_serving_optimisation_keeps_gated_answers_and_baseline_is_the_plain_backbone(finetune):
     model = plain_model(n_exits=2)
-    gated = add_gates(model, "both").eval()
+    gated = add_gates(model, "both", finetune=finetune).eval()
     randomize(gated)
+    if finetune:
+        for b in gated_blocks(gated):
+            torch.nn.init.normal_(b.block.conv2.weight, 0.0, 0.05)
     x = torch.randn(12, 3, 32, 32)
     before = gated.routed_forward(x, off(gated))
     with torch.no_grad():
@@ -197,7 +206,8 @@ def test_serving_optimisation_keeps_gated_answers_and_baseline_is_the_plain_back
     assert not gated_blocks(baseline) and baseline.config.dynamic is None
     torch.testing.assert_close(baseline.routed_forward(x).logits, reference)
     gated.optimize_for_inference()
-    assert all(not hasattr(b.block, "bn1") for b in gated_blocks(gated))  # BN folded into the convs
+    for b in gated_blocks(gated):  # BN folded into the convs, on the gated and the plain path
+        assert not hasattr(b.block, "bn1") and not hasattr(b.ungated, "bn1")
     after = gated.routed_forward(x, off(gated))
     assert torch.equal(before.exit_index, after.exit_index)
     assert torch.equal(before.flops, after.flops)
@@ -219,10 +229,12 @@ def test_bottleneck_blocks_take_gates_too():
     assert counter.get_total_flops() == int(flops.sum())
 
 
-def test_training_meets_the_budget_and_leaves_the_backbone_alone():
+@pytest.mark.parametrize("finetune", [False, True], ids=["frozen", "finetune"])
+def test_training_meets_the_budget_and_leaves_the_backbone_alone(finetune):
     model = plain_model(n_exits=0)
-    gated = add_gates(model, "layer").eval()
+    gated = add_gates(model, "layer", finetune=finetune).eval()
     backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    copies = {k: v.clone() for k, v in gated.state_dict().items() if ".block." in k}
     x = torch.randn(96, 3, 32, 32)
     with torch.no_grad():
         y = model.source(x).argmax(1)  # labels the backbone gets right: only the cost term must move
@@ -231,8 +243,12 @@ def test_training_meets_the_budget_and_leaves_the_backbone_alone():
     assert report["final"]["cost_fraction"] < 0.75
     routed = gated.routed_forward(x)
     assert float(routed.cost_fraction.mean()) < 0.75
-    for k, v in model.state_dict().items():
+    for k, v in model.state_dict().items():  # the plain backbone (the baseline) never changes
         assert torch.equal(v, backbone[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(gated.backbone_forward(x), model.source(x))
+    tuned = [k for k, v in gated.state_dict().items() if k in copies and not torch.equal(v, copies[k])]
+    assert bool(tuned) == finetune and report["finetuned_blocks"] == (7 if finetune else 0)
     assert all(not b.relaxed for b in gated_blocks(gated))
 
 
