@@ -50,6 +50,10 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+# Plain (non-residual) VGGs diverge at the ResNet learning rate on short one-cycle schedules.
+LR_SCALE = {"vgg": 0.2}
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(v) for v in text.split(",")]
@@ -61,7 +65,7 @@ def register(subparsers) -> None:
     """Add the ``build`` sub-command (called by :func:`branched.cli.build_parser`)."""
     p = subparsers.add_parser(
         "build", help="train (if needed), add and post-train exits, calibrate, evaluate, write a model directory",
-        description=__doc__.splitlines()[0])
+        description="Dataset + backbone -> a served-ready model directory, in one command.")
     p.add_argument("--out", required=True, help="model directory to write")
     g = p.add_argument_group("backbone and data")
     g.add_argument("--backbone", help=f"backbone name (default {DEFAULT_BACKBONE})")
@@ -162,6 +166,9 @@ def _print_summary(out: str, report: dict) -> None:
     print(f"  test ({test['samples']}): accuracy {test['accuracy']:.4f} (backbone {test['backbone_accuracy']:.4f}, "
           f"drop {test['drop']:+.4f})  cost {test['cost_fraction']:.3f}  exit rates "
           f"{', '.join(f'{r:.2f}' for r in test['exit_rates'])}")
+    if test["backbone_accuracy"] < 2.0 / report["num_classes"]:
+        print(f"  warning: the backbone is near chance ({test['backbone_accuracy']:.3f}); "
+              f"lower --lr or raise --epochs, or pass trained --weights")
     print(f"    guarantee held on test: {'yes' if test['guarantee_held'] else 'NO'} "
           f"(drop {test['drop']:+.4f} <= bound {cal['guarantee']['drop_bound']:.4f})")
     print(f"  wrote config.json, weights.pt, tradeoff.csv, tradeoff.png, build_report.json "
@@ -221,8 +228,10 @@ def run_build(args: argparse.Namespace) -> dict:
 
     # ---- backbone: weights given, a resumable checkpoint, or the short recipe
     t0 = time.perf_counter()
+    lr = args.lr if args.lr is not None else recipe.lr * next(
+        (v for k, v in LR_SCALE.items() if k in args.backbone), 1.0)
     settings = FitSettings(epochs=_recipe_value(args, "epochs", recipe), batch_size=_recipe_value(args, "batch_size", recipe),
-                           lr=_recipe_value(args, "lr", recipe), augment=_recipe_value(args, "augment", recipe),
+                           lr=lr, augment=_recipe_value(args, "augment", recipe),
                            device=args.device, seed=args.seed, progress=progress)
     backbone, backbone_meta = _backbone(args, num_classes, (size, list(mean), list(std)), settings,
                                         tensors["train"], progress)
@@ -289,7 +298,8 @@ def run_build(args: argparse.Namespace) -> dict:
     seconds["total"] = time.perf_counter() - t_start
     model.config.meta["build"] = {"seed": args.seed, "torch": torch.__version__, "device": args.device,
                                   "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    report = {"backbone": args.backbone, "dataset": args.dataset, "exit_kind": args.exit_kind,
+    report = {"backbone": args.backbone, "dataset": args.dataset, "num_classes": num_classes,
+              "input_size": size, "exit_kind": args.exit_kind,
               "exits": [{"after": e.after, "kind": e.kind} for e in specs],
               "cost_fractions": model.cost.exit_cost_fractions(),
               "calibration": {k: v for k, v in report_cal.items() if k != "curve"}, "test": test,

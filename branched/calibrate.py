@@ -239,7 +239,8 @@ def choose_policy(records: dict[str, ExitRecords], max_drop: Optional[float] = N
             fits = [p["accuracy"] for p in points if p["cost_fraction"] <= max_cost + 1e-12]
             scores[name] = max(fits) if fits else -math.inf
         else:
-            scores[name] = -min(p["cost_fraction"] for p in points if p["risk"] <= eps)
+            fits = [p["cost_fraction"] for p in points if p["risk"] <= eps]
+            scores[name] = -min(fits) if fits else -math.inf
     best = max(scores.values())
     return next(n for n, v in scores.items() if v == best), scores
 
