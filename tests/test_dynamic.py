@@ -1,8 +1,11 @@
 """LC-Net gates: exact when keeping, no work when skipping, scales applied, counted cost, artifact, exits."""
+import io
 import math
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.resnet import Bottleneck
 
@@ -11,9 +14,12 @@ from branched.backbones import build_backbone
 from branched.dynamic import GatedBlock, add_gates, gate_settings, gated_blocks
 from branched.dynamic_train import train_gates
 from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.preprocess import Preprocessor
 from branched.routing import exit_score
+from branched.serving import Predictor
 
 MODES = ["layer", "channel", "both"]
+SIZE = 16  # cifar_resnet20 at 16x16 (the demo's input size): every shape is exercised, at a quarter of the work
 
 
 def plain_model(n_exits: int = 2) -> BranchedModel:
@@ -23,8 +29,8 @@ def plain_model(n_exits: int = 2) -> BranchedModel:
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
-    cfg = ModelConfig(backbone="cifar_resnet20", num_classes=10, input_size=32,
-                      exits=place_exits(bb, 32, n_exits) if n_exits else [])
+    cfg = ModelConfig(backbone="cifar_resnet20", num_classes=10, input_size=SIZE,
+                      exits=place_exits(bb, SIZE, n_exits) if n_exits else [])
     model = BranchedModel(cfg, bb).eval()
     model.__dict__["source"] = bb.model.eval()  # the torchvision model, not a registered submodule
     return model
@@ -46,10 +52,13 @@ def force(block: GatedBlock, layer_logit: float = None, channel_logit: float = N
 
 
 def randomize(model: BranchedModel, spread: float = 1.5) -> None:
-    """Input-dependent gates that keep some samples/channels and drop others."""
-    for b in gated_blocks(model):
-        torch.nn.init.normal_(b.gate.fc2.weight, 0.0, spread)
-        torch.nn.init.normal_(b.gate.fc2.bias, 0.5, spread)
+    """Input-dependent gates that keep some samples/channels and drop others (every other block mostly skips)."""
+    with torch.no_grad():
+        for i, b in enumerate(gated_blocks(model)):
+            torch.nn.init.normal_(b.gate.fc2.weight, 0.0, spread)
+            torch.nn.init.normal_(b.gate.fc2.bias, 0.5, spread)
+            if b.gate.layer:
+                b.gate.fc2.bias[0] = 1.0 if i % 2 else -1.0
 
 
 def off(model: BranchedModel) -> list[float]:
@@ -62,7 +71,7 @@ def test_gates_that_keep_everything_reproduce_the_backbone_exactly(mode):
     gated = add_gates(model, mode).eval()
     for b in gated_blocks(gated):
         force(b, layer_logit=10.0, channel_logit=10.0)
-    x = torch.randn(6, 3, 32, 32)
+    x = torch.randn(6, 3, SIZE, SIZE)
     with torch.no_grad():
         reference = model.source(x)
         assert torch.equal(gated(x)[-1].logits, reference)
@@ -87,7 +96,7 @@ def test_a_skipped_block_does_no_work():
     prev, nxt = blocks["layer2.0"], blocks["layer2.2"]
     taps = [prev.register_forward_hook(lambda m, a, o: prev_out.append(o)),
             nxt.branch.register_forward_hook(lambda m, a, o: next_in.append(a[0]))]
-    x = torch.randn(5, 3, 32, 32)
+    x = torch.randn(5, 3, SIZE, SIZE)
     counter = FlopCounterMode(display=False)
     try:
         with counter:
@@ -116,7 +125,7 @@ def test_learned_scales_are_applied(mode):
     force(block, layer_logit=10.0, channel_logit=10.0, layer_scale_logit=a, channel_scale_logit=a)
     s = 2.0 * torch.sigmoid(torch.tensor(a)).item()
     inner = block.block
-    x = torch.relu(torch.randn(4, 16, 32, 32))
+    x = torch.relu(torch.randn(4, 16, SIZE, SIZE))
     with torch.no_grad():
         h = torch.relu(inner.bn1(inner.conv1(x)))
         if mode == "channel":
@@ -137,7 +146,7 @@ def test_learned_scales_are_applied(mode):
 def test_routed_cost_of_a_gated_model_is_what_the_counter_sees(mode):
     gated = add_gates(plain_model(n_exits=3), mode).eval()
     randomize(gated)
-    x = torch.randn(16, 3, 32, 32)
+    x = torch.randn(16, 3, SIZE, SIZE)
     with torch.no_grad():
         thr = [float(exit_score(o, gated.config.policy).median()) for o in gated(x)[:-1]]
     counter = FlopCounterMode(display=False)
@@ -153,7 +162,7 @@ def test_routed_cost_of_a_gated_model_is_what_the_counter_sees(mode):
 def test_gates_and_exits_compose_through_routed_forward(mode):
     gated = add_gates(plain_model(n_exits=2), mode).eval()
     randomize(gated)
-    x = torch.randn(12, 3, 32, 32)
+    x = torch.randn(12, 3, SIZE, SIZE)
     with torch.no_grad():
         outs = gated(x)  # masked reference: every exit on the gated features
     thr = [float(exit_score(o, gated.config.policy).median()) for o in outs[:-1]]
@@ -182,12 +191,37 @@ def test_gated_model_round_trips_through_the_artifact(tmp_path, finetune):
     loaded = load_model(str(tmp_path / "m"))
     assert loaded.config.dynamic == gated.config.dynamic
     assert len(gated_blocks(loaded)) == len(gated_blocks(gated))
-    x = torch.randn(10, 3, 32, 32)
+    x = torch.randn(10, 3, SIZE, SIZE)
     assert torch.equal(gated.backbone_forward(x), loaded.backbone_forward(x))
     for thr in (None, off(gated), [0.0, 0.0]):
         a, b = gated.routed_forward(x, thr), loaded.routed_forward(x, thr)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.exit_index, b.exit_index)
         assert torch.equal(a.flops, b.flops)
+
+
+def test_servers_shared_predictor_answers_a_gated_model_like_the_core(tmp_path):
+    """Both servers answer through Predictor (TorchServe whole, Ray Serve via model.step): no gate special case."""
+    gated = add_gates(plain_model(n_exits=2), "both").eval()
+    randomize(gated)
+    save_model(gated, str(tmp_path / "m"))
+    images = []
+    for seed in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buf, "PNG")
+        images.append(buf.getvalue())
+    params = [{}, {"thresholds": "inf,inf"}, {"threshold": "0"}] * 2
+    answers = Predictor(str(tmp_path / "m")).answer_batch(list(zip(images, params)))
+    pre = Preprocessor.for_config(gated.config)
+    x = torch.stack([pre.from_bytes(b) for b in images])
+    default = gated.config.thresholds
+    rows = torch.tensor([default, off(gated), [0.0, 0.0]] * 2)
+    expected = gated.routed_forward(x, rows).answers(gated.config.class_names)  # one batch, as the server's
+    for got, want in zip(answers, expected):
+        assert got["exit"] == want["exit"] and got["class_index"] == want["class_index"]
+        assert got["cost_fraction"] == pytest.approx(want["cost_fraction"], rel=1e-9)
+    assert answers[1]["exit"] == 2 and answers[1]["cost_fraction"] < 1.0  # the gates' saving reaches the client
+    baseline = Predictor(str(tmp_path / "m"), baseline=True).answer_batch([(images[0], {})])[0]
+    assert baseline["exit"] == 0 and baseline["cost_fraction"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("finetune", [False, True], ids=["shared", "finetune"])
@@ -198,7 +232,7 @@ def test_serving_optimisation_keeps_gated_answers_and_baseline_is_the_plain_back
     if finetune:
         for b in gated_blocks(gated):
             torch.nn.init.normal_(b.block.conv2.weight, 0.0, 0.05)
-    x = torch.randn(12, 3, 32, 32)
+    x = torch.randn(12, 3, SIZE, SIZE)
     before = gated.routed_forward(x, off(gated))
     with torch.no_grad():
         reference = model.source(x)
@@ -235,7 +269,7 @@ def test_training_meets_the_budget_and_leaves_the_backbone_alone(finetune):
     gated = add_gates(model, "layer", finetune=finetune).eval()
     backbone = {k: v.clone() for k, v in model.state_dict().items()}
     copies = {k: v.clone() for k, v in gated.state_dict().items() if ".block." in k}
-    x = torch.randn(96, 3, 32, 32)
+    x = torch.randn(96, 3, SIZE, SIZE)
     with torch.no_grad():
         y = model.source(x).argmax(1)  # labels the backbone gets right: only the cost term must move
     report = train_gates(gated, x, y, target_cost=0.6, epochs=3, batch_size=32, lr=0.1, cost_weight=50.0, distill=0,
@@ -261,4 +295,4 @@ def test_bad_settings_are_rejected_with_the_fix():
     with pytest.raises(ValueError, match="mode"):
         gate_settings(bb, "filters")
     with pytest.raises(ValueError, match="no LC-Net gates"):
-        train_gates(plain_model(n_exits=0), torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long), 0.5)
+        train_gates(plain_model(n_exits=0), torch.zeros(2, 3, SIZE, SIZE), torch.zeros(2, dtype=torch.long), 0.5)
