@@ -17,6 +17,7 @@ from branched.model import BranchedModel, ModelConfig, place_exits
 from branched.preprocess import Preprocessor
 from branched.routing import exit_score
 from branched.serving import Predictor
+from test_core import between
 
 MODES = ["layer", "channel", "both"]
 SIZE = 16  # cifar_resnet20 at 16x16 (the demo's input size): every shape is exercised, at a quarter of the work
@@ -148,7 +149,7 @@ def test_routed_cost_of_a_gated_model_is_what_the_counter_sees(mode):
     randomize(gated)
     x = torch.randn(16, 3, SIZE, SIZE)
     with torch.no_grad():
-        thr = [float(exit_score(o, gated.config.policy).median()) for o in gated(x)[:-1]]
+        thr = [between(exit_score(o, gated.config.policy)) for o in gated(x)[:-1]]
     counter = FlopCounterMode(display=False)
     with counter:
         out = gated.routed_forward(x, thr)
@@ -165,7 +166,7 @@ def test_gates_and_exits_compose_through_routed_forward(mode):
     x = torch.randn(12, 3, SIZE, SIZE)
     with torch.no_grad():
         outs = gated(x)  # masked reference: every exit on the gated features
-    thr = [float(exit_score(o, gated.config.policy).median()) for o in outs[:-1]]
+    thr = [between(exit_score(o, gated.config.policy)) for o in outs[:-1]]
     routed = gated.routed_forward(x, thr)
     assert len(set(routed.exit_index.tolist())) > 1
     for i in range(len(x)):

@@ -10,7 +10,7 @@ from branched.preprocess import Preprocessor
 from branched.routing import exit_score
 from loadtests.compare import compare
 
-from test_core import make_model
+from test_core import make_model, between
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def model_dir(tmp_path_factory):
     import torch
     with torch.no_grad():
         outs = model(x)
-    model.config.thresholds = [float(exit_score(o, model.config.policy).median()) for o in outs[:-1]]
+    model.config.thresholds = [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
     d = str(tmp_path_factory.mktemp("lt_model"))
     save_model(model, d)
     return d

@@ -33,7 +33,7 @@ from branched.routing import exit_score
 from branched.serving import Predictor
 from ray_app.planner import pack_fractions, plan_cpus, plan_gpus, stage_flops, work_shares
 
-from test_core import make_model
+from test_core import make_model, between
 
 N_IMAGES = 24
 CONFIG_YAML = "ray_app/config.yaml"
@@ -63,7 +63,7 @@ def model_dir(tmp_path_factory):
     x = torch.stack([pre.from_bytes(png(i)) for i in range(N_IMAGES)])
     with torch.no_grad():
         outs = model(x)
-    model.config.thresholds = [float(exit_score(o, model.config.policy).median()) for o in outs[:-1]]
+    model.config.thresholds = [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
     model.config.meta["calibration"] = {"exit_rates": [0.5, 0.3, 0.2]}
     save_model(model, d)
     return d
