@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= models/demo
+# Extra `branched build` options, e.g. the heavier model whose compute dominates serving overhead:
+#   make demo DEMO_DIR=models/demo18 DEMO_BUILD_ARGS="--backbone cifar_resnet18 --exits 3 --spacing even --epochs 2 --exit-epochs 4"
+DEMO_BUILD_ARGS ?=
 # Load-test settings of the demo (override: make demo USERS=16 DURATION=60s).
 USERS    ?= 8
 DURATION ?= 30s
@@ -24,7 +27,7 @@ test: $(STAMP)
 # Build the demo model once (reused by later runs); then show its accuracy/cost and the bench.
 demo-model: $(STAMP)
 	@if [ -f $(DEMO_DIR)/config.json ]; then echo "[demo] reusing $(DEMO_DIR) (rm -r it to rebuild)"; \
-	 else echo "[demo] building $(DEMO_DIR) on the bundled dataset"; $(BIN)/branched build --out $(DEMO_DIR); fi
+	 else echo "[demo] building $(DEMO_DIR) on the bundled dataset"; $(BIN)/branched build --out $(DEMO_DIR) $(DEMO_BUILD_ARGS); fi
 	@echo "[demo] evaluate on the test split"
 	$(BIN)/branched evaluate $(DEMO_DIR)
 	@echo "[demo] bench: plain backbone against routed model, batch 64, one process"
