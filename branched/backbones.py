@@ -76,7 +76,9 @@ class DenseLayerStep(nn.Module):
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x, self.layer(x)], dim=1)
+        # A list, as _DenseBlock passes it: _DenseLayer branches on isinstance(input, Tensor), and an
+        # FX trace (BN folding) would otherwise take the list branch for a tensor proxy.
+        return torch.cat([x, self.layer([x])], dim=1)
 
 
 # ---------------------------------------------------------------- building

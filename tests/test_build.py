@@ -210,3 +210,20 @@ def test_resume_reuses_the_backbone_and_an_unreachable_budget_is_said(tiny_build
 
     for a, b in zip(first.segments.parameters(), second.segments.parameters()):
         assert torch.equal(a, b)
+
+
+def test_densenet_keeps_its_answers_when_optimized_for_serving():
+    # `bench` and the servers fold BN through an FX trace; DenseNet layers must trace correctly.
+    import torch
+
+    from branched.backbones import build_backbone
+    from branched.model import BranchedModel, ModelConfig
+
+    bb = build_backbone("cifar_densenet121", 10)
+    cfg = ModelConfig(backbone="cifar_densenet121", num_classes=10, input_size=16,
+                      exits=[{"after": "features.denseblock1.denselayer2"}])
+    model = BranchedModel(cfg, bb).eval()
+    x = torch.randn(4, 3, 16, 16)
+    before = model.backbone_forward(x)
+    model.optimize_for_inference()
+    torch.testing.assert_close(model.backbone_forward(x), before, rtol=1e-4, atol=1e-4)

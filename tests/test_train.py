@@ -84,12 +84,12 @@ def test_fit_learns_and_is_seeded():
 
 def test_train_exits_leaves_the_backbone_untouched_and_caching_changes_nothing():
     torch.manual_seed(0)
-    x, y = torch.randn(96, 3, 16, 16), torch.randint(0, 4, (96,))
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
 
     def build():
         torch.manual_seed(0)
         bb = build_backbone("cifar_resnet20", 4)
-        cfg = ModelConfig(backbone="cifar_resnet20", num_classes=4, input_size=16, exits=place_exits(bb, 16, 2))
+        cfg = ModelConfig(backbone="cifar_resnet20", num_classes=4, input_size=8, exits=place_exits(bb, 8, 2))
         return BranchedModel(cfg, bb)
 
     settings = FitSettings(epochs=2, batch_size=32, lr=0.01, optimizer="adamw", progress=False)
