@@ -54,15 +54,12 @@ class GateDecision:
         layer_scale: ``[B]`` scale of the residual branch of the samples that run it.
         channel_keep: ``[B, M]`` 1 = compute inner channel ``m``.
         channel_scale: ``[B, M]`` scale of each inner channel.
-        layer_prob, channel_prob: keep probabilities (``sigmoid`` of the logits), for the cost term.
     """
 
     layer_keep: Optional[torch.Tensor]
     layer_scale: Optional[torch.Tensor]
     channel_keep: Optional[torch.Tensor]
     channel_scale: Optional[torch.Tensor]
-    layer_prob: Optional[torch.Tensor]
-    channel_prob: Optional[torch.Tensor]
 
 
 def _straight_through(logits: torch.Tensor, tau: float, noise: float) -> torch.Tensor:
@@ -114,20 +111,23 @@ class Gate(nn.Module):
         """FLOPs per sample, as the flop counter counts two linear layers (2 * in * out each)."""
         return 2 * (self.fc1.in_features * self.fc1.out_features + self.fc2.in_features * self.fc2.out_features)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw outputs ``[B, n_out]`` for block inputs ``x`` (layout: :meth:`_keep_columns`)."""
+        return self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
+
     def forward(self, x: torch.Tensor, relaxed: bool = False, tau: float = 1.0, noise: float = 1.0) -> GateDecision:
-        z = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))
-        lk = ls = lp = ck = cs = cp = None
+        """Decisions for a batch: hard (logit > 0), or relaxed straight-through samples for training."""
+        z = self.logits(x)
+        lk = ls = ck = cs = None
         if self.layer:
-            lp = torch.sigmoid(z[:, 0])
             lk = _straight_through(z[:, 0], tau, noise) if relaxed else (z[:, 0] > 0).to(z.dtype)
             ls = 2.0 * torch.sigmoid(z[:, 1])
         if self.channels:
             s = 2 * int(self.layer)
             logits = z[:, s:s + self.channels]
-            cp = torch.sigmoid(logits)
             ck = _straight_through(logits, tau, noise) if relaxed else (logits > 0).to(z.dtype)
             cs = 2.0 * torch.sigmoid(z[:, s + self.channels:])
-        return GateDecision(lk, ls, ck, cs, lp, cp)
+        return GateDecision(lk, ls, ck, cs)
 
 
 def _conv_flops(conv: nn.Conv2d, c_out: int, c_in: int, h: int, w: int) -> tuple[int, int, int]:
@@ -152,6 +152,40 @@ class ResidualBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.parts: list[tuple[nn.Module, Optional[nn.Module]]] = []
+        self._slices: dict[tuple, tuple] = {}
+
+    def set_parts(self, parts: list[tuple[nn.Module, Optional[nn.Module]]]) -> None:
+        self.parts = parts
+        self._slices.clear()
+
+    def _sliced(self, channels: torch.Tensor) -> tuple:
+        """First conv (and BN) restricted to output ``channels``, second conv to input ``channels``.
+
+        At inference the slices are cached per channel set (a trained C-Net reuses a few sets),
+        keyed by the weights' identity and version so that a weight update is never missed.
+        """
+        (c1, bn1), (c2, _) = self.parts[0], self.parts[1]
+        key = None
+        if not torch.is_grad_enabled():
+            key = (tuple(channels.tolist()), c1.weight.data_ptr(), c1.weight._version, c2.weight.data_ptr(),
+                   c2.weight._version)
+            hit = self._slices.get(key)
+            if hit is not None:
+                return hit
+        fmt = torch.channels_last if c1.weight.is_contiguous(memory_format=torch.channels_last) and \
+            not c1.weight.is_contiguous() else torch.contiguous_format
+        w1 = c1.weight.index_select(0, channels).contiguous(memory_format=fmt)
+        b1 = c1.bias.index_select(0, channels) if c1.bias is not None else None
+        bn = None
+        if bn1 is not None:
+            bn = tuple(t.index_select(0, channels) for t in (bn1.running_mean, bn1.running_var, bn1.weight, bn1.bias))
+        w2 = c2.weight.index_select(1, channels).contiguous(memory_format=fmt)
+        value = (w1, b1, bn, w2)
+        if key is not None:
+            if len(self._slices) >= 64:
+                self._slices.clear()
+            self._slices[key] = value
+        return value
 
     def forward(self, x: torch.Tensor, channels: Optional[torch.Tensor] = None,
                 multiplier: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -160,28 +194,28 @@ class ResidualBranch(nn.Module):
             channels: indices of the inner channels to compute (all if None).
             multiplier: ``[n, len(channels)]`` keep mask times scale of those channels (None: 1).
         """
+        inplace = not torch.is_grad_enabled()  # inference: intermediate tensors are ours to overwrite
+        sliced = self._sliced(channels) if channels is not None else None
         h = x
         last = len(self.parts) - 1
         for j, (conv, bn) in enumerate(self.parts):
             weight, bias = conv.weight, conv.bias
-            sliced = channels is not None and j == 0
-            if sliced:
-                weight = weight.index_select(0, channels)
-                bias = bias.index_select(0, channels) if bias is not None else None
-            elif channels is not None and j == 1:
-                weight = weight.index_select(1, channels)
+            if sliced is not None and j == 0:
+                weight, bias = sliced[0], sliced[1]
+            elif sliced is not None and j == 1:
+                weight = sliced[3]
             h = F.conv2d(h, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             if bn is not None:
-                if sliced:
-                    h = F.batch_norm(h, bn.running_mean.index_select(0, channels),
-                                     bn.running_var.index_select(0, channels), bn.weight.index_select(0, channels),
-                                     bn.bias.index_select(0, channels), False, 0.0, bn.eps)
+                if sliced is not None and j == 0:
+                    mean, var, w, b = sliced[2]
+                    h = F.batch_norm(h, mean, var, w, b, False, 0.0, bn.eps)
                 else:
                     h = bn(h)
             if j < last:
-                h = F.relu(h)
+                h = F.relu(h, inplace=inplace)
             if j == 0 and multiplier is not None:
-                h = h * multiplier[:, :, None, None]
+                m = multiplier[:, :, None, None]
+                h = h.mul_(m) if inplace else h * m
         return h
 
 
@@ -257,7 +291,7 @@ class GatedBlock(nn.Module):
             if conv is not None:
                 parts.append((conv, getattr(self.block, f"bn{j}", None)))
         self._parts = parts
-        self.branch.parts = parts
+        self.branch.set_parts(parts)
         ds = getattr(self.block, "downsample", None)
         self._shortcut = None if ds is None else (ds.get_submodule("0"), getattr(ds, "1", None))
 
@@ -322,6 +356,10 @@ class GatedBlock(nn.Module):
         return bn(h) if bn is not None else h
 
     def _finish(self, x: torch.Tensor, residual: torch.Tensor, layer_scale: Optional[torch.Tensor]) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference: the residual is a fresh tensor, reuse it
+            if layer_scale is not None:
+                residual.mul_(layer_scale[:, None, None, None])
+            return residual.add_(self._identity(x)).relu_()
         if layer_scale is not None:
             residual = residual * layer_scale[:, None, None, None]
         return F.relu(residual + self._identity(x))
@@ -346,38 +384,42 @@ class GatedBlock(nn.Module):
         """
         n = x.shape[0]
         fixed, per_channel = self.flop_parts(x.shape[-2], x.shape[-1])
-        flops = torch.full((n,), float(self.gate.flops), dtype=torch.float64, device=x.device)
+        gate_flops = float(self.gate.flops)
         if n == 0:
-            return x, flops
-        d = self.gate(x)
+            return x, x.new_zeros(0, dtype=torch.float64)
+        z = self.gate.logits(x)
         rows = None
-        if d.layer_keep is not None:
-            keep = d.layer_keep > 0.5
-            kept = int(keep.sum())
-            if kept == 0:
-                return x, flops
-            if kept < n:
-                rows = keep.nonzero().squeeze(1)
-        pick = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        xs = pick(x)
+        if self.gate.layer:
+            rows = (z[:, 0] > 0).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                return x, torch.full((n,), gate_flops, dtype=torch.float64, device=x.device)
+            if rows.numel() == n:
+                rows = None
+            else:
+                z = z.index_select(0, rows)
+        xs = x if rows is None else x.index_select(0, rows)
         channels = mult = None
         k = 0
-        if d.channel_keep is not None:
-            ck, cs = pick(d.channel_keep), pick(d.channel_scale)
-            union = (ck > 0.5).any(dim=0)
-            k = int(union.sum())
-            if k == 0:
-                union[0], k = True, 1
-            mult = ck * cs
-            if k < self.mid_channels:
-                channels = union.nonzero().squeeze(1)
-                mult = mult.index_select(1, channels)
-        scale = pick(d.layer_scale) if d.layer_scale is not None else None
+        if self.gate.channels:
+            s, m = 2 * int(self.gate.layer), self.gate.channels
+            keep = z[:, s:s + m] > 0
+            scale_logits = z[:, s + m:]
+            channels = keep.any(dim=0).nonzero().squeeze(1)
+            k = channels.numel()
+            if k == 0:  # nobody keeps a channel: compute one, multiplied by zero
+                channels, k = channels.new_zeros(1), 1
+            if k == m:
+                channels = None
+            else:
+                keep, scale_logits = keep.index_select(1, channels), scale_logits.index_select(1, channels)
+            mult = torch.where(keep, 2.0 * torch.sigmoid(scale_logits), 0.0)
+        scale = 2.0 * torch.sigmoid(z[:, 1]) if self.gate.layer else None
         ys = self._finish(xs, self.branch(xs, channels, mult), scale)
-        spent = float(fixed + k * per_channel)
+        spent = gate_flops + float(fixed + k * per_channel)
         if rows is None:
-            return ys, flops + spent
-        flops.index_add_(0, rows, torch.full((rows.numel(),), spent, dtype=torch.float64, device=x.device))
+            return ys, torch.full((n,), spent, dtype=torch.float64, device=x.device)
+        flops = torch.full((n,), gate_flops, dtype=torch.float64, device=x.device)
+        flops[rows] = spent
         return x.index_copy(0, rows, ys), flops
 
 
