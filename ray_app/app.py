@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Awaitable, Callable, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -152,6 +152,20 @@ def _server_error(exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
+async def answer_request(predictor: Predictor, request: Request,
+                         answer: Callable[[Prepared], Awaitable[Any]]) -> Any:
+    """Decode a request, answer it with ``answer``; a 4xx for a bad request, a JSON 500 (never a hang)
+    when answering fails."""
+    try:
+        prepared = await prepare_request(predictor, request)
+    except RequestError as exc:
+        return error_response(exc)
+    try:
+        return await answer(prepared)
+    except Exception as exc:  # noqa: BLE001 - a stage or batch failed
+        return _server_error(exc)
+
+
 # ---------------------------------------------------------------------------------------------- stages
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 class Stage:
@@ -276,14 +290,8 @@ class Ingress:
 
     @staged_api.api_route("/predict", methods=["POST", "PUT"])  # PUT: `curl -T img.png`, as TorchServe
     async def predict(self, request: Request) -> Any:
-        try:
-            prepared = await prepare_request(self.predictor, request)
-        except RequestError as exc:
-            return error_response(exc)
-        try:
-            return await self.stage0.remote(Sample(prepared.image, prepared.thresholds))
-        except Exception as exc:  # noqa: BLE001 - a stage failed: a JSON 500, never a hang
-            return _server_error(exc)
+        return await answer_request(self.predictor, request,
+                                    lambda p: self.stage0.remote(Sample(p.image, p.thresholds)))
 
     @staged_api.get("/thresholds")
     def thresholds(self) -> dict[str, Any]:
@@ -317,14 +325,7 @@ class Baseline:
 
     @baseline_api.api_route("/predict", methods=["POST", "PUT"])
     async def predict(self, request: Request) -> Any:
-        try:
-            prepared = await prepare_request(self.predictor, request)
-        except RequestError as exc:
-            return error_response(exc)
-        try:
-            return await self.run_batch(prepared)
-        except Exception as exc:  # noqa: BLE001
-            return _server_error(exc)
+        return await answer_request(self.predictor, request, self.run_batch)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run_batch(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
