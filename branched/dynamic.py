@@ -397,7 +397,7 @@ class GatedBlock(nn.Module):
                 rows = None
             else:
                 z = z.index_select(0, rows)
-        xs = x if rows is None else x.index_select(0, rows)
+        xs = x if rows is None else x[rows]  # advanced indexing keeps channels-last; index_select does not
         channels = mult = None
         k = 0
         if self.gate.channels:
@@ -420,7 +420,9 @@ class GatedBlock(nn.Module):
             return ys, torch.full((n,), spent, dtype=torch.float64, device=x.device)
         flops = torch.full((n,), gate_flops, dtype=torch.float64, device=x.device)
         flops[rows] = spent
-        return x.index_copy(0, rows, ys), flops
+        y = x.clone()  # preserves the memory format (index_copy would not)
+        y[rows] = ys
+        return y, flops
 
 
 # ---------------------------------------------------------------------- building
