@@ -8,8 +8,10 @@ guarantee on the test split; write ``config.json`` + ``weights.pt``, the trade-o
 (``tradeoff.csv``, ``tradeoff.png``) and ``build_report.json``.
 
 With neither ``--backbone`` nor ``--dataset`` it builds the demo default offline
-(:data:`DEMO`): ``cifar_resnet20`` on the bundled ``mnist5k`` at 16x16 input (the 28x28 digits stay
+(:data:`DEMO`): ``cifar_resnet56`` on the bundled ``mnist5k`` at 16x16 input (the 28x28 digits stay
 legible and the build takes a quarter of the compute of 32x32), exits after each stage's first block.
+The deeper He et al. ResNet puts the first exit at 5% of the FLOPs, where most digits are already
+recognised, so the saving survives the overhead of a small network on a CPU.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Optional
 
 __all__ = ["register", "Recipe", "RECIPES", "run_build", "DEFAULT_BACKBONE", "DEFAULT_DATASET", "DEMO"]
 
-DEFAULT_BACKBONE = "cifar_resnet20"
+DEFAULT_BACKBONE = "cifar_resnet56"
 DEFAULT_DATASET = "mnist5k"
 # What `branched build --out DIR` builds when neither --backbone nor --dataset is given.
 DEMO = {"backbone": DEFAULT_BACKBONE, "dataset": DEFAULT_DATASET, "input_size": 16,

@@ -133,7 +133,7 @@ def test_imagefolder_trees_with_and_without_an_official_test_set(tmp_path):
 
 
 # ---------------------------------------------------------------- a tiny build, end to end
-TINY = ["--epochs", "1", "--exit-epochs", "2", "--limit-train", "256", "--limit-calib", "300", "--limit-test",
+TINY = ["--backbone", "cifar_resnet20", "--epochs", "1", "--exit-epochs", "2", "--limit-train", "256", "--limit-calib", "300", "--limit-test",
         "200", "--input-size", "16", "--exits", "2", "--quiet"]
 
 
