@@ -23,7 +23,6 @@ train them afterwards, on the gated features.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
