@@ -24,14 +24,17 @@ class ImageLimits:
     """What a request may carry.
 
     Args:
-        max_bytes: largest encoded image accepted.
-        max_pixels: largest width x height accepted (checked from the header, before decoding).
-        min_side: smallest width or height accepted.
+        max_bytes: largest encoded image accepted (10 MiB).
+        max_pixels: largest width x height accepted (4096 x 4096), checked from the header before the
+            pixels are decoded, so a small file that declares a huge image costs nothing.
+        min_side: smallest width or height accepted (8: the smallest images of common datasets, e.g.
+            scikit-learn's 8x8 digits; a 1x1 image carries nothing a classifier could use and is
+            almost always a client bug, such as a tracking pixel or a placeholder).
     """
 
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
-    min_side: int = 1
+    min_side: int = 8
 
 
 class ImageError(ValueError):
@@ -41,7 +44,9 @@ class ImageError(ValueError):
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
     """Decode PNG/JPEG/... bytes into an 8-bit RGB image, enforcing ``limits``.
 
-    Grayscale, palette, RGBA and 16-bit images are converted to RGB (16-bit by scaling to 8 bits).
+    Grayscale, palette, CMYK, RGBA and 16-bit images are converted to RGB the way PIL's
+    ``convert("RGB")`` and ``torchvision.io.decode_image(mode=RGB)`` do (alpha is dropped); 16-bit
+    images are scaled to 8 bits first.
 
     Raises:
         ImageError: empty, oversized, non-image, truncated or out-of-limits input.
@@ -56,14 +61,16 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
             img = Image.open(io.BytesIO(data))  # reads the header only
             width, height = img.size
             if width * height > limits.max_pixels:
-                raise ImageError(f"image is {width}x{height}; the limit is {limits.max_pixels} pixels")
+                raise ImageError(f"image is {width}x{height}; the limit is {limits.max_pixels} pixels "
+                                 "(width x height): send a smaller image")
             if min(width, height) < limits.min_side:
-                raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_side}")
+                raise ImageError(f"image is {width}x{height}; both sides must be at least {limits.min_side} pixels")
             img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"image too large: {exc}") from None
+        # PIL's own bomb check fires inside Image.open, before our size check could.
+        raise ImageError(f"image too large; the limit is {limits.max_pixels} pixels ({exc})") from None
     except Image.UnidentifiedImageError:
         raise ImageError("body is not an image PIL can read (send PNG or JPEG bytes)") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -75,11 +82,9 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "P", "PA"):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img)
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")  # via RGBA: a palette with transparency converts without a warning
     return img.convert("RGB") if img.mode != "RGB" else img
 
 

@@ -86,7 +86,8 @@ def resolve_thresholds(thresholds: Optional[Thresholds], defaults: Sequence[floa
         raise ValueError(f"expected {len(defaults)} thresholds (one per early exit), got shape {tuple(t.shape)}")
     bad = torch.isnan(t) | (t < 0) | ((t > 1) & ~torch.isposinf(t))
     if bool(bad.any()):
-        raise ValueError(f"thresholds must be in [0, 1] (or inf to switch an exit off), got {t.tolist()}")
+        got = ", ".join(f"{v:g}" for v in t.flatten().tolist()[:8])  # :g -> "-0.1", not float32's -0.10000000149
+        raise ValueError(f"thresholds must be in [0, 1] (or inf to switch an exit off), got [{got}]")
     return t
 
 

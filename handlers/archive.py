@@ -37,7 +37,11 @@ class ArchiveSettings:
         workers: worker processes (min = max: a fixed pool).
         response_timeout: seconds before TorchServe gives up on a batch.
         threads: torch threads per worker (0: the machine's cores divided by the workers).
-        max_bytes: largest request body accepted, in bytes.
+        max_bytes: largest encoded image accepted, in bytes (TorchServe's ``max_request_size`` in
+            config.properties caps the whole body before the handler sees it).
+        max_pixels: largest width x height accepted, read from the image header before decoding.
+        min_side: smallest width or height accepted.
+        The three limits default to :class:`branched.preprocess.ImageLimits`' (10 MiB, 4096 x 4096, 8).
     """
 
     batch_size: int = 8
@@ -45,7 +49,10 @@ class ArchiveSettings:
     workers: int = 1
     response_timeout: int = 120
     threads: int = 0
-    max_bytes: int = 10 * 1024 * 1024
+    # None: the handler's default, branched.preprocess.ImageLimits (not imported here: it needs torch).
+    max_bytes: Optional[int] = None
+    max_pixels: Optional[int] = None
+    min_side: Optional[int] = None
 
     def model_config(self, baseline: bool) -> dict:
         return {
@@ -55,7 +62,9 @@ class ArchiveSettings:
             "maxBatchDelay": self.max_batch_delay,
             "responseTimeout": self.response_timeout,
             "deviceType": "cpu",
-            "handler": {"baseline": baseline, "threads": self.threads, "max_bytes": self.max_bytes},
+            "handler": {"baseline": baseline, "threads": self.threads,
+                        **{k: v for k, v in (("max_bytes", self.max_bytes), ("max_pixels", self.max_pixels),
+                                             ("min_side", self.min_side)) if v is not None}},
         }
 
 
@@ -131,7 +140,8 @@ def _copy_package(dest: str) -> None:
 def _cmd_archive(args: argparse.Namespace) -> None:
     settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
                                workers=args.workers, response_timeout=args.response_timeout,
-                               threads=args.threads)
+                               threads=args.threads, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
+                               min_side=args.min_side)
     for path in build_archives(args.model_dir, args.out, args.name, settings, baseline=not args.no_baseline):
         print(path)
 
@@ -163,5 +173,10 @@ def register(subparsers) -> None:
     p.add_argument("--response-timeout", type=_count(1), default=d.response_timeout,
                    help=f"seconds (default {d.response_timeout})")
     p.add_argument("--threads", type=_count(0), default=d.threads, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--max-bytes", type=_count(1), help="largest image accepted, in bytes (default 10 MiB; more "
+                   "also needs a larger max_request_size in config.properties)")
+    p.add_argument("--max-pixels", type=_count(1),
+                   help="largest width x height accepted, checked on the header (default 4096 x 4096)")
+    p.add_argument("--min-side", type=_count(1), help="smallest width or height accepted (default 8)")
     p.add_argument("--no-baseline", action="store_true", help="skip NAME-baseline.mar")
     p.set_defaults(func=_cmd_archive)

@@ -2,8 +2,9 @@
 
 The ``.mar`` built by ``branched archive`` carries this file, the ``branched`` package and the model
 directory (``model/``); ``model-config.yaml`` holds the batching settings and a ``handler:`` section
-(``baseline``, ``threads``, ``max_bytes``). A batch TorchServe forms is answered by one call to
-:meth:`branched.serving.Predictor.answer_batch`, where every request keeps its own thresholds and a bad
+(``baseline``, ``threads`` and the request limits ``max_bytes``, ``max_pixels``, ``min_side`` of
+:class:`branched.preprocess.ImageLimits`, checked on the image header before the pixels are decoded).
+A batch TorchServe forms is answered by one call to `branched.serving.Predictor.answer_batch`, where every request keeps its own thresholds and a bad
 request gets its own 4xx while the others are answered.
 
 Per request: the image is the raw body, a multipart form field, or JSON ``{"image": "<base64>"}``;
@@ -29,13 +30,15 @@ from branched.preprocess import ImageLimits
 from branched.routing import ROUTING_PARAMS
 from branched.serving import Predictor, RequestError, extract_image
 
-__all__ = ["BranchedHandler", "MODEL_SUBDIR", "METRIC_EXITS", "METRIC_COST_SUM", "METRIC_COST",
+__all__ = ["BranchedHandler", "MODEL_SUBDIR", "LIMIT_SETTINGS", "METRIC_EXITS", "METRIC_COST_SUM", "METRIC_COST",
            "METRIC_BAD", "METRIC_BATCHES"]
 
 logger = logging.getLogger(__name__)
 
 #: Where the archive keeps the model directory, relative to the unpacked ``.mar``.
 MODEL_SUBDIR = "model"
+#: ``handler:`` settings in model-config.yaml that become :class:`ImageLimits` fields.
+LIMIT_SETTINGS = ("max_bytes", "max_pixels", "min_side")
 #: Counter: answered requests per exit (dimension ``Exit``: 0-based, last = backbone head).
 METRIC_EXITS = "BranchedExitRequests"
 #: Counter: sum of the answered requests' cost fractions (divide by the exit counts for the mean).
@@ -70,7 +73,7 @@ class BranchedHandler(BaseHandler):
         except RuntimeError:
             pass  # already fixed for this process
         model_dir = os.path.join(context.system_properties["model_dir"], MODEL_SUBDIR)
-        limits = ImageLimits(**{k: int(settings[k]) for k in ("max_bytes", "max_pixels") if k in settings})
+        limits = ImageLimits(**{k: int(settings[k]) for k in LIMIT_SETTINGS if settings.get(k) is not None})
         self.predictor = Predictor(model_dir, baseline=bool(settings.get("baseline", False)), limits=limits)
         self.model = self.predictor.model
         self.model_name = context.model_name
