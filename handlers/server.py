@@ -10,6 +10,7 @@ process group, which :meth:`TorchServe.stop` kills after ``torchserve --stop`` a
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -138,9 +139,18 @@ class TorchServe:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def auth(self, api: str = "management") -> dict[str, str]:
+        """The ``Authorization`` header for ``api`` (``inference`` / ``management``) when token
+        authorization is on (TorchServe writes ``key_file.json`` where it starts); else no header."""
+        try:
+            with open(os.path.join(self.workdir, "key_file.json")) as f:
+                return {"Authorization": f"Bearer {json.load(f)[api]['key']}"}
+        except (OSError, ValueError, KeyError):
+            return {}
+
     def _ready(self, name: str) -> bool:
         try:
-            r = requests.get(f"{self.management_url}/models/{name}", timeout=2)
+            r = requests.get(f"{self.management_url}/models/{name}", headers=self.auth(), timeout=2)
             workers = r.json()[0]["workers"] if r.ok else []
         except (requests.RequestException, ValueError, KeyError, IndexError):
             return False
@@ -148,7 +158,7 @@ class TorchServe:
 
     def workers(self, name: str) -> list[dict]:
         """The management API's worker list for model ``name``."""
-        r = requests.get(f"{self.management_url}/models/{name}", timeout=5)
+        r = requests.get(f"{self.management_url}/models/{name}", headers=self.auth(), timeout=5)
         r.raise_for_status()
         return r.json()[0]["workers"]
 

@@ -270,45 +270,6 @@ def test_concurrent_requests_are_batched_and_routed_per_request(server, images, 
     assert batches < n, f"{n} concurrent requests were answered in {batches} batches: no batching happened"
 
 
-BAD = [  # (body, headers, status, message fragment)
-    (b"", {}, 400, "empty request body"),
-    (b"this is not an image", {}, 400, "not an image"),
-    ("TRUNCATED", {}, 400, "truncated"),
-    ("HUGE", {}, 400, "the limit is"),
-    (b'{"image": ', {"Content-Type": "application/json"}, 400, "not valid JSON"),
-    (b'{"picture": "AAAA"}', {"Content-Type": "application/json"}, 400, "no image field"),
-    ("GOOD", {"Content-Type": "application/x-www-form-urlencoded"}, 400, "curl -T"),
-    ("GOOD", {"threshold": "abc"}, 400, "must be a number"),
-    ("GOOD", {"thresholds": "0.5"}, 400, "expected 2"),
-    ("GOOD", {"budget": "-1"}, 400, "> 0"),
-]
-
-
-def _huge_png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", (5000, 4000)).save(buf, "PNG")  # 20 Mpx, a few KB on the wire
-    return buf.getvalue()
-
-
-def test_bad_requests_get_4xx_while_their_batch_is_answered(server, images, reference):
-    pid = [w["pid"] for w in server.workers(NAME)]
-    fill = {"TRUNCATED": images[0][: len(images[0]) // 2], "HUGE": _huge_png(), "GOOD": images[1]}
-    bad = [(fill.get(b, b) if isinstance(b, str) else b, h, s, m) for b, h, s, m in BAD]
-    good = images[4:12]
-    calls = [lambda b=b, h=h: predict(server, b, h) for b, h, _, _ in bad] + \
-            [lambda b=b: predict(server, b, {}) for b in good]
-    responses = concurrently(calls)
-    for r, (_, _, status, message) in zip(responses, bad):
-        assert r.status_code == status, r.text
-        assert message in r.json()["error"] and r.json()["status"] == status
-    for r, body in zip(responses[len(bad):], good):
-        assert r.status_code == 200, r.text
-        assert_same(r.json(), reference.answer_batch([(body, {})])[0])
-    # The worker that answered them is the one that was there before, and it still answers.
-    assert [w["pid"] for w in server.workers(NAME)] == pid
-    assert predict(server, images[2], {}).status_code == 200
-
-
 def test_metrics_endpoint_counts_exits_cost_and_bad_requests(server, images):
     before = metrics(server)
     answers = [predict(server, body, {}).json() for body in images[:8]]
