@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 
 from branched.artifact import load_config
 
+from .answers import write_expected
 from .report import comparison, read_run, write_report
 from .runner import run_locust, split_cpus, warm_up, write_pool
 
@@ -87,6 +88,9 @@ def compare(server: str, model_dir: str, out_dir: str, users: int = 8, duration:
     pool = write_pool(os.path.join(out_dir, "pool"), dataset, pool_size, config.meta.get("data_root"),
                       int(config.meta.get("split_seed", 0)))
     pool_images = [open(os.path.join(pool, n), "rb").read() for n in sorted(os.listdir(pool)) if n.endswith(".png")]
+    # Each image's answer alone: the locustfile fails any answer that is not its own request's.
+    expected = {v: write_expected(model_dir, pool, os.path.join(out_dir, f"expected_{v}.json"), v == "baseline")
+                for v in ("early_exit", "baseline")}
     server_set, load_set = split_cpus(server_cpus)
     endpoints = torchserve_endpoints if server == "torchserve" else ray_endpoints
     runs = {}
@@ -97,7 +101,7 @@ def compare(server: str, model_dir: str, out_dir: str, users: int = 8, duration:
             warm_up(host + path, pool_images[:32])
             _say(f"locust: {users} users for {duration} against {variant} (load generator on CPUs {sorted(load_set)})")
             tally = run_locust(host, path, pool, os.path.join(out_dir, f"locust_{variant}"), users,
-                               duration, load_set)
+                               duration, load_set, extra=["--expected", expected[variant]])
             runs[variant] = read_run(tally)
     report = comparison(runs["early_exit"], runs["baseline"], len(config.exits) + 1, {
         "server": server, "model": config.backbone, "model_dir": model_dir, "users": users, "duration": duration,

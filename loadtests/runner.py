@@ -72,11 +72,11 @@ def warm_up(url: str, images: Sequence[bytes], rounds: int = 2, timeout: float =
 
 
 def run_locust(host: str, predict_path: str, pool: str, out_prefix: str, users: int, duration: str,
-               cpus: set[int], query: str = "") -> str:
+               cpus: set[int], query: str = "", extra: Sequence[str] = ()) -> str:
     """Run Locust headless against ``host``; returns the tally JSON path (see the locustfile).
 
     Writes Locust's own ``<prefix>_stats.csv``, ``_stats_history.csv``, ``_failures.csv`` and an
-    HTML report ``<prefix>.html``.
+    HTML report ``<prefix>.html``. ``extra``: more locustfile options, e.g. ``["--expected", FILE]``.
     """
     tally = f"{out_prefix}_answers.json"
     locust = os.path.join(os.path.dirname(sys.executable), "locust")
@@ -86,6 +86,7 @@ def run_locust(host: str, predict_path: str, pool: str, out_prefix: str, users: 
            "--pool", pool, "--predict-path", predict_path, "--answers-out", tally]
     if query:
         cmd += ["--query", query]
+    cmd += list(extra)
     started = time.monotonic()
     proc = subprocess.run(cmd, preexec_fn=pinned(cpus), capture_output=True, text=True)
     # Locust exits 1 when any request failed; the report counts failures, so only a crash is an error.
