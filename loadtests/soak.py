@@ -132,7 +132,7 @@ def print_summary(report: dict) -> None:
     for name, r in report["rss"].items():
         growth = "n/a" if r["growth"] is None else f"{100 * r['growth']:+.1f}%"
         settled = "n/a" if r["growth_after_settled"] is None else f"{100 * r['growth_after_settled']:+.1f}%"
-        print(f"  RSS {name:<10} {r['start_mib']:>8.1f} -> {r['end_mib']:>8.1f} MiB ({growth}; from "
+        print(f"  RSS {name:<25} {r['start_mib']:>8.1f} -> {r['end_mib']:>8.1f} MiB ({growth}; from "
               f"{r['settled_s']:.0f} s: {settled}; {r['processes_start']} -> {r['processes_end']} processes)")
 
 
