@@ -3,15 +3,17 @@
 Staged app (``staged_app``)::
 
     HTTP POST /predict -> Ingress --handle--> Stage0 --handle--> Stage1 --> ... --> Stage{K-1}
-                          decode             segment 0 + exit 0  (survivors only)
+                          decode, batch       segment 0 + exit 0  (a batch's survivors, one call)
 
 * ``Ingress`` turns the body into an image tensor and per-request thresholds
-  (:meth:`branched.serving.Predictor.prepare`) and sends one :class:`Sample` to stage 0.
-* ``Stage{k}`` holds backbone segment ``k`` and exit ``k``. ``@serve.batch`` gathers samples from
-  concurrent requests; one ``model.step(k, ...)`` (the core's segment step) runs on the batch in a
-  worker thread, so the replica's event loop keeps accepting requests. A sample that exits is
-  answered; a survivor's features (with its thresholds and FLOPs so far) go to stage ``k+1``
-  through a ``DeploymentHandle``, where they are batched again with other requests' survivors.
+  (:meth:`branched.serving.Predictor.prepare`); ``@serve.batch`` gathers concurrent requests and
+  sends them to stage 0 as one :class:`Samples` (one handle call per batch, not per request).
+* ``Stage{k}`` holds backbone segment ``k`` and exit ``k``. ``@serve.batch`` merges the calls that
+  arrive while it computes (up to ``max_batch_size`` samples); one ``model.step(k, ...)`` (the core's
+  segment step) runs on the batch in a worker thread, so the replica's event loop keeps accepting
+  calls. Samples that exit are answered; the survivors' features (with their thresholds and FLOPs so
+  far) go to stage ``k+1`` in one call through a ``DeploymentHandle``. Every request awaits only its
+  own answer, so the batch slot is free again as soon as the step is done.
 
 Baseline app (``baseline_app``): one deployment, HTTP ``POST /predict`` (mounted at
 ``/baseline``), the plain backbone batched with ``@serve.batch``.
@@ -21,10 +23,10 @@ and for the whole app through the Ingress's ``user_config`` (same keys; ``serve 
 changed ``user_config`` calls ``reconfigure`` without restarting anything).
 """
 import asyncio
+import itertools
 import logging
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional, Union
 
 import torch
@@ -36,33 +38,20 @@ from ray.serve.handle import DeploymentHandle
 
 from branched.artifact import load_config, load_model
 from branched.model import BranchedModel, RoutedOutput, Segment
+from branched.preprocess import ImageLimits
 from branched.routing import ROUTING_PARAMS, thresholds_from_params
 from branched.serving import Predictor, Prepared, RequestError, extract_image
 
+from .batching import Forwarded, Samples, num_samples, resolve, set_batching
 from .planner import calibrated_exit_rates, stage_flops, work_shares
 
-__all__ = ["Sample", "Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app", "keep_stage"]
+__all__ = ["Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app", "keep_stage"]
 
 logger = logging.getLogger("ray.serve")
 
 #: Bodies larger than this many times the image limit are refused before they are read
 #: (base64 in JSON is 4/3 of the image; multipart adds a little).
 BODY_SLACK = 1.5
-
-
-@dataclass
-class Sample:
-    """One request's sample on its way through the stages (CPU tensors: they cross processes).
-
-    Attributes:
-        features: the stage's input for this sample, ``[C, H, W]`` (the image for stage 0).
-        thresholds: its side-exit thresholds ``[K-1]``.
-        flops: FLOPs spent on it so far; None before stage 0.
-    """
-
-    features: torch.Tensor
-    thresholds: torch.Tensor
-    flops: Optional[float] = None
 
 
 def _replica_threads() -> int:
@@ -127,21 +116,6 @@ async def prepare_request(predictor: Predictor, request: Request) -> Prepared:
     return await asyncio.to_thread(predictor.prepare, image, routing_params(request))
 
 
-def set_batching(batched: Any, config: dict[str, Any]) -> None:
-    """Apply ``max_batch_size`` / ``batch_wait_timeout_s`` from a ``user_config`` to a ``@serve.batch`` method.
-
-    Raises:
-        ValueError: unknown keys or out-of-range values (the deployment update then fails with this message).
-    """
-    unknown = set(config) - {"max_batch_size", "batch_wait_timeout_s"}
-    if unknown:
-        raise ValueError(f"unknown user_config keys {sorted(unknown)}; use max_batch_size, batch_wait_timeout_s")
-    if "max_batch_size" in config:
-        batched.set_max_batch_size(int(config["max_batch_size"]))
-    if "batch_wait_timeout_s" in config:
-        batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
-
-
 def error_response(exc: RequestError) -> JSONResponse:
     return JSONResponse({"error": str(exc), "status": exc.status}, status_code=exc.status)
 
@@ -169,7 +143,8 @@ async def answer_request(predictor: Predictor, request: Request,
 # ---------------------------------------------------------------------------------------------- stages
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
 class Stage:
-    """Backbone segment ``k`` + exit ``k``, batched across requests; survivors go to stage ``k+1``.
+    """Backbone segment ``k`` + exit ``k``, batched across calls; each batch's survivors go to stage
+    ``k+1`` in one call.
 
     Args:
         model_dir: the model directory (every stage loads it and keeps only its own stage).
@@ -200,32 +175,38 @@ class Stage:
         self.batch_metric = metrics.Histogram(
             "branched_stage_batch_size", description="Batch size of one segment step.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("stage",))
+        self.max_batch_size = max_batch_size
         self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: ``{max_batch_size: int, batch_wait_timeout_s: float}`` (either)."""
         set_batching(self.run_batch, config)
+        self.max_batch_size = int(config.get("max_batch_size", self.max_batch_size))
 
-    async def __call__(self, sample: Sample) -> dict[str, Any]:
-        out = await self.run_batch(sample)
-        if isinstance(out, Sample):  # a survivor: its answer comes from a later stage
-            return await self.next.remote(out)
-        return out
+    async def __call__(self, samples: Samples) -> list[dict[str, Any]]:
+        """The answers for ``samples``, in order: from this stage's exit, or from a later stage."""
+        parts = await asyncio.gather(*(self.run_batch(c) for c in samples.chunks(self.max_batch_size)))
+        return await resolve([r for part in parts for r in part])
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def run_batch(self, samples: list[Sample]) -> list[Union[dict[str, Any], Sample]]:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=num_samples)
+    async def run_batch(self, calls: list[Samples]) -> list[list[Any]]:
         # Torch releases the GIL; running it in a thread keeps the event loop (and batching) live.
-        return await asyncio.to_thread(self._step, samples)
+        results, survivors = await asyncio.to_thread(self._step, Samples.cat(calls))
+        if survivors is not None:  # one call to the next stage for the whole batch's survivors
+            forwarded = Forwarded(self.next, survivors[1])
+            for j, i in enumerate(survivors[0]):
+                results[i] = (forwarded, j)
+        bounds = list(itertools.accumulate(len(c) for c in calls))
+        return [results[b - len(c):b] for b, c in zip(bounds, calls)]
 
     @torch.inference_mode()
-    def _step(self, samples: list[Sample]) -> list[Union[dict[str, Any], Sample]]:
-        n = len(samples)
-        x = torch.stack([s.features for s in samples]).to(self.device)
-        x = x.contiguous(memory_format=self.model.memory_format)
-        thresholds = torch.stack([s.thresholds for s in samples]).to(self.device)
-        flops = None if samples[0].flops is None else torch.tensor(
-            [s.flops for s in samples], dtype=torch.float64, device=self.device)
-        r = self.model.step(self.k, x, thresholds, flops=flops)
+    def _step(self, batch: Samples) -> tuple[list[Any], Optional[tuple[list[int], Samples]]]:
+        """``model.step(k)`` on a batch: answers of the samples that exit (None elsewhere), and the
+        survivors' positions with their :class:`Samples` for the next stage."""
+        n = len(batch)
+        x = batch.features.to(self.device).contiguous(memory_format=self.model.memory_format)
+        flops = None if batch.flops is None else batch.flops.to(self.device)
+        r = self.model.step(self.k, x, batch.thresholds.to(self.device), flops=flops)
         results: list[Any] = [None] * n
         if r.exited.numel():
             exited = r.exited.tolist()
@@ -233,13 +214,12 @@ class Stage:
                                r.score.cpu(), r.exited_flops.cpu(), self.backbone_flops)
             for i, answer in zip(exited, out.answers(self.class_names)):
                 results[i] = answer
+        survivors = None
         if r.survivors.numel():
-            features, spent = r.features.cpu(), r.survivor_flops.cpu().tolist()
-            for j, i in enumerate(r.survivors.tolist()):
-                # clone: a view would pickle the whole batch's storage
-                results[i] = Sample(features[j].clone(), samples[i].thresholds, spent[j])
+            kept = r.survivors.cpu()
+            survivors = (kept.tolist(), Samples(r.features.cpu(), batch.thresholds[kept], r.survivor_flops.cpu()))
         self._count(n, int(r.exited.numel()), int(r.survivors.numel()))
-        return results
+        return results, survivors
 
     def _count(self, n: int, exited: int, forwarded: int) -> None:
         c = self.counts
@@ -275,11 +255,13 @@ class Ingress:
         stage0: handle to the first stage.
     """
 
-    def __init__(self, model_dir: str, stage0: DeploymentHandle) -> None:
+    def __init__(self, model_dir: str, stage0: DeploymentHandle, max_batch_size: int = 32,
+                 batch_wait_timeout_s: float = 0.005, limits: ImageLimits = ImageLimits()) -> None:
         torch.set_num_threads(_replica_threads())
-        self.predictor = Predictor(model_dir, optimize=False)
+        self.predictor = Predictor(model_dir, optimize=False, limits=limits)
         self.calibrated = self.predictor.default_thresholds
         self.stage0 = stage0
+        set_batching(self.dispatch, {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: app-wide ``thresholds`` (list or "0.9,0.8"), ``threshold`` or ``budget``;
@@ -290,8 +272,18 @@ class Ingress:
 
     @staged_api.api_route("/predict", methods=["POST", "PUT"])  # PUT: `curl -T img.png`, as TorchServe
     async def predict(self, request: Request) -> Any:
-        return await answer_request(self.predictor, request,
-                                    lambda p: self.stage0.remote(Sample(p.image, p.thresholds)))
+        return await answer_request(self.predictor, request, self._answer)
+
+    async def _answer(self, prepared: Prepared) -> dict[str, Any]:
+        forwarded, j = await self.dispatch(prepared)
+        return await forwarded.answer(j)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def dispatch(self, prepared: list[Prepared]) -> list[tuple[Forwarded, int]]:
+        """Concurrent requests go to stage 0 in one call (a handle call costs far more than a sample's stage 0)."""
+        forwarded = Forwarded(self.stage0, Samples(torch.stack([p.image for p in prepared]),
+                                                    torch.stack([p.thresholds for p in prepared])))
+        return [(forwarded, j) for j in range(len(prepared))]
 
     @staged_api.get("/thresholds")
     def thresholds(self) -> dict[str, Any]:
@@ -313,9 +305,10 @@ class Baseline:
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings.
     """
 
-    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005) -> None:
+    def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
+                 limits: ImageLimits = ImageLimits()) -> None:
         torch.set_num_threads(_replica_threads())
-        self.predictor = Predictor(model_dir, baseline=True)
+        self.predictor = Predictor(model_dir, baseline=True, limits=limits)
         self.predictor.model.to(_device())
         self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
@@ -346,6 +339,15 @@ class AppArgs(BaseModel):
     max_ongoing_requests: int = Field(256, ge=1, description="per replica; >= max_batch_size or batches stay small")
     num_cpus: float = Field(1.0, gt=0, description="logical CPUs the stages share (split by their work), "
                                                     "or the baseline replica's; the config's deployments override")
+    max_bytes: int = Field(ImageLimits.max_bytes, ge=1, description="largest encoded image accepted, in bytes "
+                           "(bodies over 1.5x this are refused from Content-Length before they are read)")
+    max_pixels: int = Field(ImageLimits.max_pixels, ge=1, description="largest width x height, read from the "
+                            "image header before decoding")
+    min_side: int = Field(ImageLimits.min_side, ge=1, description="smallest width or height accepted")
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(self.max_bytes, self.max_pixels, self.min_side)
 
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
@@ -377,7 +379,8 @@ def staged_app(args: AppArgs) -> serve.Application:
             name=f"Stage{k}", max_ongoing_requests=args.max_ongoing_requests,
             ray_actor_options={"num_cpus": max(0.01, round(args.num_cpus * shares[k], 2))},
         ).bind(args.model_dir, k, nxt, args.max_batch_size, args.batch_wait_timeout_s)
-    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests).bind(args.model_dir, nxt)
+    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests).bind(
+        args.model_dir, nxt, args.max_batch_size, args.batch_wait_timeout_s, args.limits)
 
 
 def baseline_app(args: AppArgs) -> serve.Application:
@@ -386,4 +389,4 @@ def baseline_app(args: AppArgs) -> serve.Application:
     load_config(args.model_dir)
     return Baseline.options(max_ongoing_requests=args.max_ongoing_requests,
                             ray_actor_options={"num_cpus": args.num_cpus}).bind(
-        args.model_dir, args.max_batch_size, args.batch_wait_timeout_s)
+        args.model_dir, args.max_batch_size, args.batch_wait_timeout_s, args.limits)
