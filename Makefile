@@ -10,6 +10,9 @@ DEMO_BUILD_ARGS ?=
 # Load-test settings of the demo (override: make demo USERS=16 DURATION=60s).
 USERS    ?= 8
 DURATION ?= 30s
+# Ray Serve pays several ms of CPU per handle call; more concurrent users give the stages bigger batches.
+RAY_USERS ?= 32
+RAY_BATCH_ARGS ?= --batch-size 32 --max-batch-delay 20
 
 .PHONY: install test demo demo-ray demo-model clean
 
@@ -30,8 +33,8 @@ demo-model: $(STAMP)
 	 else echo "[demo] building $(DEMO_DIR) on the bundled dataset"; $(BIN)/branched build --out $(DEMO_DIR) $(DEMO_BUILD_ARGS); fi
 	@echo "[demo] evaluate on the test split"
 	$(BIN)/branched evaluate $(DEMO_DIR)
-	@echo "[demo] bench: plain backbone against routed model, batch 64, one process"
-	$(BIN)/branched bench $(DEMO_DIR) --batch-size 64
+	@echo "[demo] bench: plain backbone against routed model, batch 64, one process, one thread (steadier on a shared machine)"
+	$(BIN)/branched bench $(DEMO_DIR) --batch-size 64 --threads 1
 
 # The main job: model -> .mar archives -> TorchServe -> Locust (early-exit, then baseline) -> report.
 demo: demo-model
@@ -42,9 +45,9 @@ demo: demo-model
 		--users $(USERS) --duration $(DURATION)
 
 demo-ray: demo-model
-	@echo "[demo] load test on Ray Serve: $(USERS) users x $(DURATION) per model"
+	@echo "[demo] load test on Ray Serve: $(RAY_USERS) users x $(DURATION) per model"
 	$(BIN)/branched loadtest --server ray --model-dir $(DEMO_DIR) --out reports/ray \
-		--users $(USERS) --duration $(DURATION)
+		--users $(RAY_USERS) --duration $(DURATION) $(RAY_BATCH_ARGS)
 
 clean:
 	rm -rf $(VENV) archives/*.mar reports models
