@@ -50,6 +50,21 @@ def median_thresholds(model: BranchedModel, x: torch.Tensor) -> list[float]:
     return [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
 
 
+def save_mnist_model(directory: str, input_size: int) -> str:
+    """``cifar_resnet20`` with untrained exits, thresholds at the score medians of the first 24 mnist5k test
+    images (the load tests' pool spreads over every exit), saved to ``directory``."""
+    from branched.artifact import save_model
+    from branched.data import load_split
+    from branched.preprocess import Preprocessor
+
+    model = make_model("cifar_resnet20", input_size)
+    model.config.meta.update(dataset="mnist5k", split_seed=0)
+    x, _ = load_split("mnist5k", "test").subset(list(range(24))).tensors(Preprocessor.for_config(model.config))
+    model.config.thresholds = median_thresholds(model, x)
+    save_model(model, directory)
+    return directory
+
+
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f for f, _ in FAMILIES])
 def family(request):
     name, size = request.param

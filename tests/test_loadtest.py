@@ -4,29 +4,14 @@ import os
 
 import pytest
 
-from branched.artifact import save_model
-from branched.data import load_split
-from branched.preprocess import Preprocessor
-from branched.routing import exit_score
 from loadtests.compare import compare
 
-from test_core import make_model, between
+from test_core import save_mnist_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """cifar_resnet20, untrained exits, thresholds at the score medians of the test pool so exits spread."""
-    model = make_model("cifar_resnet20", 32)
-    model.config.meta.update(dataset="mnist5k", split_seed=0)
-    data = load_split("mnist5k", "test").subset(list(range(24)))
-    x, _ = data.tensors(Preprocessor.for_config(model.config))
-    import torch
-    with torch.no_grad():
-        outs = model(x)
-    model.config.thresholds = [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
-    d = str(tmp_path_factory.mktemp("lt_model"))
-    save_model(model, d)
-    return d
+    return save_mnist_model(str(tmp_path_factory.mktemp("lt_model")), 32)
 
 
 @pytest.mark.parametrize("server", ["torchserve", "ray"])

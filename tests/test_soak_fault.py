@@ -7,33 +7,17 @@ import os
 import psutil
 import pytest
 
-from branched.artifact import save_model
-from branched.data import load_split
-from branched.preprocess import Preprocessor
-from branched.routing import exit_score
 from loadtests.answers import LogRow, per_window, recovery
 from loadtests.checks import check_answer
 from loadtests.fault import fault
 from loadtests.soak import soak
 
-from test_core import between, make_model
+from test_core import save_mnist_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """cifar_resnet20 at 16 px, untrained exits, thresholds at the score medians so exits spread."""
-    import torch
-
-    model = make_model("cifar_resnet20", 16)
-    model.config.meta.update(dataset="mnist5k", split_seed=0)
-    data = load_split("mnist5k", "test").subset(list(range(24)))
-    x, _ = data.tensors(Preprocessor.for_config(model.config))
-    with torch.no_grad():
-        outs = model(x)
-    model.config.thresholds = [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
-    d = str(tmp_path_factory.mktemp("soak_model"))
-    save_model(model, d)
-    return d
+    return save_mnist_model(str(tmp_path_factory.mktemp("soak_model")), 16)
 
 
 def test_fault_run_torchserve_worker_killed_and_replaced(model_dir, tmp_path):
