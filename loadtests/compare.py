@@ -21,11 +21,10 @@ from branched.artifact import load_config
 
 from .answers import write_expected
 from .report import comparison, read_run, write_report
-from .runner import run_locust, split_cpus, warm_up, write_pool
+from .runner import SERVERS, add_load_arguments, run_locust, split_cpus, warm_up, write_pool
 
 __all__ = ["compare", "register", "main"]
 
-SERVERS = ("torchserve", "ray")
 
 
 @contextlib.contextmanager
@@ -133,19 +132,6 @@ def _say(message: str) -> None:
     print(f"[loadtest] {message}", file=sys.stderr, flush=True)
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", choices=SERVERS, default="torchserve")
-    p.add_argument("--model-dir", default="models/demo")
-    p.add_argument("--out", help="report folder (default: reports/SERVER)")
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--duration", default="30s", help="Locust run time per model (default 30s)")
-    p.add_argument("--pool-size", type=int, default=200, help="test-split images to send (default 200)")
-    p.add_argument("--server-cpus", type=int, help="CPUs for the server (default: all but one)")
-    p.add_argument("--batch-size", type=int, default=8, help="server-side batch size (default 8)")
-    p.add_argument("--max-batch-delay", type=int, default=10, help="server-side batch wait in ms (default 10)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-
-
 def _run(args: argparse.Namespace) -> None:
     from branched.cli import fail
 
@@ -164,7 +150,7 @@ def _run(args: argparse.Namespace) -> None:
 def register(subparsers) -> None:
     """``branched loadtest``: the same as ``python -m loadtests.compare``."""
     p = subparsers.add_parser("loadtest", help="Locust: early-exit model against the plain backbone on a server")
-    _add_arguments(p)
+    add_load_arguments(p, "30s", "reports/SERVER")
     p.set_defaults(func=_run)
 
 

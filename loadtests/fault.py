@@ -33,6 +33,7 @@ from branched.artifact import load_config
 from .answers import read_log, recovery
 from .checks import check_answer
 from .longrun import MODEL, Pool, Target, drive, make_pool, say, serve_model
+from .runner import add_load_arguments
 from .procs import ray_replica_pids, torchserve_worker_pids, wait_for
 from .report import read_run
 
@@ -242,11 +243,9 @@ def _run(args: argparse.Namespace) -> None:
 
 def register(subparsers) -> None:
     """``branched fault``."""
-    from .soak import _add_arguments
-
     p = subparsers.add_parser("fault", help="kill a TorchServe worker or a Ray Serve stage replica mid-load; "
                                             "report failures and recovery")
-    _add_arguments(p, "60s")
+    add_load_arguments(p, "60s", "reports/fault-SERVER")
     p.add_argument("--kill-at", type=float, default=20.0, help="seconds into the load to kill (default 20)")
     p.add_argument("--stage", type=int, default=1, help="Ray Serve: the stage whose replica is killed (default 1)")
     p.set_defaults(func=_run)

@@ -17,11 +17,10 @@ from typing import Any, Callable, Iterator, Optional
 from branched.artifact import load_config
 
 from .answers import write_expected
-from .runner import run_locust, split_cpus, warm_up, write_pool
+from .runner import SERVERS, run_locust, split_cpus, warm_up, write_pool
 
 __all__ = ["SERVERS", "Target", "Pool", "make_pool", "serve_model", "drive", "say"]
 
-SERVERS = ("torchserve", "ray")
 MODEL = "model"  # the TorchServe model name
 
 

@@ -7,6 +7,7 @@ Locust on CPU 0.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,9 +19,25 @@ import requests
 
 from branched.data import load_split
 
-__all__ = ["write_pool", "split_cpus", "pinned", "warm_up", "run_locust"]
+__all__ = ["SERVERS", "add_load_arguments", "write_pool", "split_cpus", "pinned", "warm_up", "run_locust"]
+
+SERVERS = ("torchserve", "ray")
 
 LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locustfile.py")
+
+
+def add_load_arguments(p: argparse.ArgumentParser, duration: str, out_default: str) -> None:
+    """The options every load command shares (``branched loadtest``, ``soak``, ``fault``)."""
+    p.add_argument("--server", choices=SERVERS, default="torchserve")
+    p.add_argument("--model-dir", default="models/demo")
+    p.add_argument("--out", help=f"report folder (default: {out_default})")
+    p.add_argument("--users", type=int, default=8)
+    p.add_argument("--duration", default=duration, help=f"Locust run time (default {duration})")
+    p.add_argument("--pool-size", type=int, default=200, help="test-split images to send (default 200)")
+    p.add_argument("--server-cpus", type=int, help="CPUs for the server (default: all but one)")
+    p.add_argument("--batch-size", type=int, default=8, help="server-side batch size (default 8)")
+    p.add_argument("--max-batch-delay", type=int, default=10, help="server-side batch wait in ms (default 10)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
 
 def write_pool(out_dir: str, dataset: str, size: int, root: Optional[str] = None, seed: int = 0) -> str:

@@ -19,9 +19,10 @@ from typing import Optional
 from branched.artifact import load_config
 
 from .answers import per_window, read_log
-from .longrun import SERVERS, drive, make_pool, say, serve_model
+from .longrun import drive, make_pool, say, serve_model
 from .procs import RssSampler
 from .report import read_run
+from .runner import add_load_arguments
 
 __all__ = ["soak", "register"]
 
@@ -136,19 +137,6 @@ def print_summary(report: dict) -> None:
               f"{r['settled_s']:.0f} s: {settled}; {r['processes_start']} -> {r['processes_end']} processes)")
 
 
-def _add_arguments(p: argparse.ArgumentParser, duration: str) -> None:
-    p.add_argument("--server", choices=SERVERS, default="torchserve")
-    p.add_argument("--model-dir", default="models/demo")
-    p.add_argument("--out", help="report folder")
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--duration", default=duration, help=f"Locust run time (default {duration})")
-    p.add_argument("--pool-size", type=int, default=200, help="test-split images to send (default 200)")
-    p.add_argument("--server-cpus", type=int, help="CPUs for the server (default: all but one)")
-    p.add_argument("--batch-size", type=int, default=8, help="server-side batch size (default 8)")
-    p.add_argument("--max-batch-delay", type=int, default=10, help="server-side batch wait in ms (default 10)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-
-
 def _run(args: argparse.Namespace) -> None:
     from branched.cli import fail
 
@@ -173,7 +161,7 @@ def register(subparsers) -> None:
     """``branched soak``."""
     p = subparsers.add_parser("soak", help="long Locust run on one server: failures, RSS over time, "
                                            "latency per minute")
-    _add_arguments(p, "10m")
+    add_load_arguments(p, "10m", "reports/soak-SERVER")
     p.add_argument("--rss-interval", type=float, default=10.0, help="seconds between RSS samples (default 10)")
     p.add_argument("--window", type=float, default=60.0, help="latency window in seconds (default 60)")
     p.set_defaults(func=_run)
