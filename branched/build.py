@@ -102,6 +102,8 @@ def register(subparsers) -> None:
     g.add_argument("--ce-weight", type=float, default=0.5, help="added per-exit cross-entropy (pteenet)")
     g.add_argument("--distill", type=float, default=0.0, help="share of the backbone's soft predictions in the target")
     g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="training arithmetic: bf16 autocast + channels-last is 2x faster on AVX-512 BF16 CPUs")
     g.add_argument("--resume", action="store_true", help="reuse OUT/checkpoints/backbone.pt from an earlier run")
     g = p.add_argument_group("calibration")
     b = g.add_mutually_exclusive_group()
@@ -234,7 +236,7 @@ def run_build(args: argparse.Namespace) -> dict:
         (v for k, v in LR_SCALE.items() if k in args.backbone), 1.0)
     settings = FitSettings(epochs=_recipe_value(args, "epochs", recipe), batch_size=_recipe_value(args, "batch_size", recipe),
                            lr=lr, augment=_recipe_value(args, "augment", recipe),
-                           device=args.device, seed=args.seed, progress=progress)
+                           device=args.device, seed=args.seed, progress=progress, precision=args.precision)
     backbone, backbone_meta = _backbone(args, num_classes, (size, list(mean), list(std)), settings,
                                         tensors["train"], progress)
     seconds["backbone"] = time.perf_counter() - t0
