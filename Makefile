@@ -14,7 +14,7 @@ DURATION ?= 30s
 RAY_USERS ?= 32
 RAY_BATCH_ARGS ?= --batch-size 32 --max-batch-delay 20
 
-.PHONY: install test demo demo-ray demo-model clean
+.PHONY: install test test-fast demo demo-ray demo-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The core, build and adapter unit tests only: nothing that starts TorchServe, Ray or Locust.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not server"
 
 # Build the demo model once (reused by later runs); then show its accuracy/cost and the bench.
 demo-model: $(STAMP)

@@ -13,17 +13,15 @@ from typing import Any
 
 import torch
 
-from .model import BranchedModel, ModelConfig
+from .config import ModelConfig
+from .errors import ArtifactError
+from .model import BranchedModel
 
-__all__ = ["ArtifactError", "FORMAT", "save_model", "load_config", "load_model"]
+__all__ = ["FORMAT", "CONFIG_FILE", "WEIGHTS_FILE", "save_model", "load_config", "load_model"]
 
 FORMAT = "branched-model/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.pt"
-
-
-class ArtifactError(ValueError):
-    """A model directory that is missing, damaged or not a branched model."""
 
 
 def save_model(model: BranchedModel, directory: str, extra_files: dict[str, Any] | None = None) -> str:

@@ -12,7 +12,7 @@ Two families of input size are supported:
   so 32x32 inputs keep their resolution, as PTEENet served SVHN/CIFAR-10.
 
 Weights never download: they come from a local checkpoint, a torchvision weights file already in
-the torch hub cache, or training (``branched.train``).
+the torch hub cache, or training (``branched.build.train``).
 """
 from __future__ import annotations
 

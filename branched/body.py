@@ -12,7 +12,7 @@ import binascii
 import json
 from typing import Any, Mapping, Union
 
-from .preprocess import ImageError
+from .errors import ImageError
 
 __all__ = ["Body", "JSON_IMAGE_KEYS", "FORM_IMAGE_FIELDS", "image_from_body", "parse_multipart"]
 

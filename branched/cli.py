@@ -1,26 +1,22 @@
-"""The ``branched`` command line.
+"""The ``branched`` command line (argparse lives here only).
 
-Core sub-commands live here; the serving adapters (``handlers``, ``ray_app``, ``loadtests``) add
-theirs through the ``branched.commands`` entry-point group, each a ``register(subparsers)``
-function, so the core never imports a serving framework.
+Core sub-commands (``evaluate``, ``bench``, ``build``) are defined here; the serving adapters
+(``handlers``, ``ray_app``, ``loadtests``) add theirs through the ``branched.commands`` entry-point
+group, each a ``register(subparsers)`` function, so the core never imports a serving framework.
+Errors a user can fix are one line on stderr with exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from importlib.metadata import entry_points
 from typing import Callable, Optional, Sequence
 
-__all__ = ["main", "parse_thresholds", "add_data_args", "load_eval_tensors", "fail"]
+from .errors import BranchedError
 
-
-class CommandError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
-
-
-def fail(message: str) -> None:
-    raise CommandError(message)
+__all__ = ["main", "build_parser", "parse_thresholds", "add_data_args", "add_routing_args"]
 
 
 def parse_thresholds(text: str) -> list[float]:
@@ -29,6 +25,13 @@ def parse_thresholds(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"thresholds must be comma-separated numbers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def add_data_args(p: argparse.ArgumentParser, split_default: str = "test") -> None:
@@ -42,25 +45,18 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="exit policy: confidence, max_softmax or entropy (default: the model's)")
 
 
-def load_eval_tensors(model, args: argparse.Namespace):
-    """Tensors and labels of the split named by ``args``, preprocessed as the model expects."""
-    from .data import load_split
-    from .preprocess import Preprocessor
+def _split_tensors(model, args: argparse.Namespace):
+    from .build.datasets import split_tensors
 
-    name = args.dataset or model.config.meta.get("dataset")
-    if not name:
-        fail("the model does not record its dataset; pass --dataset NAME")
-    root = args.data_root or model.config.meta.get("data_root")
-    data = load_split(name, args.split, root=root, seed=int(model.config.meta.get("split_seed", 0)))
-    return data.tensors(Preprocessor.for_config(model.config), progress=True)
+    return split_tensors(model.config, args.split, args.dataset, args.data_root)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .artifact import load_model
-    from .evaluate import evaluate
+    from .build.evaluate import evaluate
 
     model = load_model(args.model_dir)
-    x, y = load_eval_tensors(model, args)
+    x, y = _split_tensors(model, args)
     result = evaluate(model, x, y, args.thresholds, args.policy)
     if args.json:
         print(json.dumps(result))
@@ -83,7 +79,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .artifact import load_model
-    from .evaluate import bench
+    from .build.evaluate import bench
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,7 +89,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         s = model.config.input_size
         x = torch.randn(args.batch_size * args.batches, 3, s, s, generator=g)
     else:
-        x, _ = load_eval_tensors(model, args)
+        x, _ = _split_tensors(model, args)
         x = x[: args.batch_size * args.batches]
     result = bench(model, x, args.batch_size, args.thresholds, args.policy, rounds=args.rounds)
     if args.json:
@@ -106,7 +102,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
           f"(cost fraction {result['cost_fraction']:.3f})   efficiency {result['efficiency']:.2f}")
 
 
-def _core_commands(sub) -> None:
+def _model_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="accuracy, exit rates and cost of a model directory on a dataset split")
     p.add_argument("model_dir")
     add_data_args(p)
@@ -127,15 +123,82 @@ def _core_commands(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _build_command(sub) -> None:
+    p = sub.add_parser(
+        "build", help="train (if needed), add and post-train exits, calibrate, evaluate, write a model directory",
+        description="Dataset + backbone -> a served-ready model directory, in one command.")
+    p.add_argument("--out", required=True, help="model directory to write")
+    g = p.add_argument_group("backbone and data")
+    g.add_argument("--backbone", help="backbone name (default: the demo's, cifar_resnet56)")
+    g.add_argument("--dataset", help="mnist5k (bundled, the default), cifar10, svhn or imagefolder")
+    g.add_argument("--data-root", help="local folder of cifar10 / svhn / imagefolder data")
+    g.add_argument("--weights", help="backbone state_dict (.pt) or torchvision weights name; skips backbone training")
+    g.add_argument("--input-size", type=int, help="model input side (default: the backbone's, 32 for cifar_*)")
+    g.add_argument("--mean", type=_floats, help="normalisation mean R,G,B (default: the dataset's)")
+    g.add_argument("--std", type=_floats, help="normalisation std R,G,B (default: the dataset's)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/calib/test split (default 0)")
+    g.add_argument("--limit-train", type=int, help="use only the first N training images (quick builds)")
+    g.add_argument("--limit-calib", type=int, help="use only the first N calibration images")
+    g.add_argument("--limit-test", type=int, help="use only the first N test images")
+    g = p.add_argument_group("exits")
+    g.add_argument("--exits", help="number of exits placed by FLOPs, or comma-separated block names (default 3)")
+    g.add_argument("--spacing", default="even", choices=["even", "pareto"], help="exit placement by FLOPs")
+    g.add_argument("--exit-kind", default="conv", choices=["conv", "linear"])
+    g.add_argument("--exit-depth", type=int, default=2, help="conv layers in a conv exit (default 2)")
+    g.add_argument("--exit-stride", type=int, default=2, help="stride of an exit's first conv (default 2)")
+    g.add_argument("--policy", default="auto", choices=["auto", "confidence", "max_softmax", "entropy"],
+                   help="exit policy; auto picks the best on the path part of the calibration split")
+    g = p.add_argument_group("training (defaults from the dataset's recipe)")
+    g.add_argument("--epochs", type=int, help="backbone epochs (only without --weights)")
+    g.add_argument("--lr", type=float, help="backbone peak learning rate (SGD, one-cycle)")
+    g.add_argument("--batch-size", type=int, help="mini-batch size")
+    g.add_argument("--augment", choices=["none", "crop", "crop_flip"], help="backbone training augmentation")
+    g.add_argument("--exit-epochs", type=int, help="exit post-training epochs")
+    g.add_argument("--exit-lr", type=float, help="exit peak learning rate (AdamW, one-cycle)")
+    g.add_argument("--objective", default="pteenet", choices=["pteenet", "ce"],
+                   help="exit loss: PTEENet/EENets confidence-weighted mixture + cost, or per-exit CE")
+    g.add_argument("--cost-weight", type=float, default=0.5, help="lambda of the expected-cost term (pteenet)")
+    g.add_argument("--ce-weight", type=float, default=0.5, help="added per-exit cross-entropy (pteenet)")
+    g.add_argument("--distill", type=float, default=0.0, help="share of the backbone's soft predictions in the target")
+    g.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="training arithmetic: bf16 autocast + channels-last is 2x faster on AVX-512 BF16 CPUs")
+    g.add_argument("--resume", action="store_true", help="reuse OUT/checkpoints/backbone.pt from an earlier run")
+    g = p.add_argument_group("calibration")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--max-drop", type=float, help="accuracy budget: at most this drop vs. the backbone (default 0.01)")
+    b.add_argument("--max-cost", type=float, help="compute budget: at most this fraction of the backbone's FLOPs")
+    g.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
+    g.add_argument("--family", default="fixed_sequence", choices=["fixed_sequence", "bonferroni"])
+    g.add_argument("--p-value", default="binomial", choices=["binomial", "hoeffding_bentkus"])
+    g.add_argument("--select", default="ltt", choices=["ltt", "empirical"],
+                   help="ship the cheapest certified point (ltt) or the cheapest within budget on calibration data")
+    g.add_argument("--path-fraction", type=float, default=0.3, help="calibration share that orders the sweep")
+    g = p.add_argument_group("LC-Net gates")
+    g.add_argument("--dynamic", choices=["layer", "channel", "both"], help="add LC-Net gates before the exits")
+    g.add_argument("--target-cost", type=float, default=0.5, help="gates' FLOPs budget (fraction of the backbone)")
+    g.add_argument("--gate-epochs", type=int, default=10, help="gate training epochs")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seeds initialisation, shuffling and calibration")
+    g.add_argument("--threads", type=int, help="torch intra-op threads")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_build)
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from .build import pipeline
+
+    settings = pipeline.BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.BuildSettings)})
+    report = pipeline.run_build(settings)
+    if not args.quiet:
+        pipeline.print_summary(args.out, report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="branched", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    registrars: list[Callable] = [_core_commands]
-    try:
-        from . import build as _build  # noqa: F401 - the build pipeline registers itself when present
-        registrars.append(_build.register)
-    except ImportError:
-        pass
+    registrars: list[Callable] = [_model_commands, _build_command]
     registrars += [ep.load() for ep in sorted(entry_points(group="branched.commands"), key=lambda e: e.name)]
     for register in registrars:
         register(sub)
@@ -143,13 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .artifact import ArtifactError
-    from .preprocess import ImageError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CommandError, ArtifactError, ImageError, FileNotFoundError, ValueError) as exc:
+    except (BranchedError, FileNotFoundError, ValueError) as exc:
         print(f"branched: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,14 +9,15 @@ runs to the end costs more than the plain backbone by the side heads it passed.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_flops", "CostTable"]
+__all__ = ["count_flops", "CostTable", "measure_cost", "eval_mode"]
 
 
 def count_flops(module: nn.Module, example: torch.Tensor) -> int:
@@ -73,3 +74,40 @@ class CostTable:
     @classmethod
     def from_dict(cls, d: dict) -> "CostTable":
         return cls([list(map(int, b)) for b in d["block_flops"]], list(map(int, d["exit_flops"])))
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run probes in eval mode (BN must not update its statistics), then restore each module's mode."""
+    saved = [(m, m.training) for top in modules for m in top.modules()]
+    for top in modules:
+        top.eval()
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def measure_cost(segments: Sequence[nn.Module], exits: Sequence[nn.Module], input_size: int) -> CostTable:
+    """Count FLOPs of every block and exit of a branched model at ``input_size`` (batch of one).
+
+    Args:
+        segments: the model's segments (each with ``.blocks``); a gated block is counted by its
+            ``ungated`` original, so the table holds the plain backbone.
+        exits: one exit per segment (the last is the backbone head).
+        input_size: side of the square input.
+    """
+    x = torch.zeros(1, 3, input_size, input_size)
+    block_flops, exit_flops = [], []
+    with eval_mode([*segments, *exits]):
+        for seg, ex in zip(segments, exits):
+            flops = []
+            for block in seg.blocks:
+                block = getattr(block, "ungated", block)
+                flops.append(count_flops(block, x))
+                with torch.no_grad():
+                    x = block(x)
+            block_flops.append(flops)
+            exit_flops.append(count_flops(ex, x))
+    return CostTable(block_flops, exit_flops)

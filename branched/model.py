@@ -8,71 +8,20 @@ Serve one stage per deployment), so routing exists once.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .backbones import Backbone, build_backbone
-from .cost import CostTable, count_flops
-from .exits import BackboneHeadExit, ExitBranch, ExitOutput, ExitSpec
-from .routing import Thresholds, check_policy, exit_score, resolve_thresholds
+from .config import ModelConfig
+from .cost import CostTable, eval_mode, measure_cost
+from .exits import BackboneHeadExit, ExitBranch, ExitOutput
+from .lcnet import apply_gates
+from .routing import Thresholds, exit_score, resolve_thresholds
 
-__all__ = ["ModelConfig", "Segment", "StepResult", "RoutedOutput", "BranchedModel", "place_exits"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a branched model (the JSON half of the artifact).
-
-    Attributes:
-        backbone: backbone registry name (:func:`branched.backbones.available_backbones`).
-        num_classes: number of classes.
-        input_size: side of the square input the model runs at.
-        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
-        class_names: one label per class.
-        exits: side exits in backbone order (the backbone head is always the last exit).
-        thresholds: one per side exit (see :mod:`branched.routing`).
-        policy: exit policy name.
-        dynamic: LC-Net gate settings (:mod:`branched.dynamic`), or None.
-        cost: FLOPs table (filled in when the model is built).
-        meta: free-form provenance (dataset, calibration report, training settings).
-    """
-
-    backbone: str
-    num_classes: int
-    input_size: int = 32
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    class_names: list[str] = field(default_factory=list)
-    exits: list[ExitSpec] = field(default_factory=list)
-    thresholds: list[float] = field(default_factory=list)
-    policy: str = "confidence"
-    dynamic: Optional[dict[str, Any]] = None
-    cost: Optional[dict[str, Any]] = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.exits = [e if isinstance(e, ExitSpec) else ExitSpec(**e) for e in self.exits]
-        if not self.class_names:
-            self.class_names = [str(i) for i in range(self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
-        if not self.thresholds:
-            self.thresholds = [1.0] * len(self.exits)
-        if len(self.thresholds) != len(self.exits):
-            raise ValueError(f"{len(self.thresholds)} thresholds for {len(self.exits)} early exits")
-        check_policy(self.policy)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["exits"] = [asdict(e) for e in self.exits]
-        return d
+__all__ = ["Segment", "StepResult", "RoutedOutput", "BranchedModel"]
 
 
 class Segment(nn.Module):
@@ -139,6 +88,14 @@ class StepResult:
     survivors: torch.Tensor
     features: torch.Tensor
     survivor_flops: torch.Tensor
+
+    def answers(self, k: int, class_names: Sequence[str], backbone_flops: float) -> list[dict[str, Any]]:
+        """The JSON-ready answers of the samples that exited at this stage ``k``, in ``exited`` order."""
+        if not self.exited.numel():
+            return []
+        exit_index = torch.full((self.exited.numel(),), k, dtype=torch.long)
+        return RoutedOutput(self.logits.cpu(), exit_index, self.score.cpu(), self.exited_flops.cpu(),
+                            backbone_flops).answers(class_names)
 
 
 @dataclass
@@ -212,7 +169,7 @@ class BranchedModel(nn.Module):
         self.backbone_frozen = False
         self.memory_format = torch.contiguous_format
         if config.cost is None:
-            config.cost = self.measure_cost().to_dict()
+            config.cost = measure_cost(self.segments, self.exits, config.input_size).to_dict()
         self.cost = CostTable.from_dict(config.cost)
         for seg, flops in zip(self.segments, self.cost.block_flops):
             seg.block_flops.copy_(torch.tensor(flops, dtype=torch.float64))
@@ -227,7 +184,6 @@ class BranchedModel(nn.Module):
     def from_config(cls, config: ModelConfig) -> "BranchedModel":
         backbone = build_backbone(config.backbone, config.num_classes)
         if config.dynamic:
-            from .dynamic import apply_gates  # the gates live with their training code
             backbone = apply_gates(backbone, config.dynamic)
         return cls(config, backbone)
 
@@ -237,28 +193,12 @@ class BranchedModel(nn.Module):
             return widths
         x = torch.zeros(1, 3, self.config.input_size, self.config.input_size)
         blocks = [b for _, b in backbone.blocks]
-        with _eval_mode(blocks), torch.no_grad():
+        with eval_mode(blocks), torch.no_grad():
             for i, block in enumerate(blocks[: cuts[-1]]):
                 x = block(x)
                 if i + 1 in cuts:
                     widths.append(x.shape[1])
         return widths
-
-    def measure_cost(self) -> CostTable:
-        """Count FLOPs of every block and exit at the model's input size (batch of one)."""
-        x = torch.zeros(1, 3, self.config.input_size, self.config.input_size)
-        block_flops, exit_flops = [], []
-        with _eval_mode([self]):
-            for seg, ex in zip(self.segments, self.exits):
-                flops = []
-                for block in seg.blocks:
-                    block = getattr(block, "ungated", block)  # the table holds the plain backbone
-                    flops.append(count_flops(block, x))
-                    with torch.no_grad():
-                        x = block(x)
-                block_flops.append(flops)
-                exit_flops.append(count_flops(ex, x))
-        return CostTable(block_flops, exit_flops)
 
     def optimize_for_inference(self, channels_last: bool = True) -> "BranchedModel":
         """Fold BatchNorm into the preceding convs and (optionally) switch to channels-last, in place.
@@ -283,11 +223,27 @@ class BranchedModel(nn.Module):
                 except Exception:  # noqa: BLE001 - untraceable block: keep it unfused
                     pass
         for ex in self.exits[:-1]:
-            if len(ex.features):
+            if isinstance(ex, ExitBranch) and len(ex.features):  # a dropped stage's exit is an Identity
                 ex.features = fuse(ex.features)
         if channels_last:
             self.memory_format = torch.channels_last
             self.to(memory_format=torch.channels_last)
+        return self
+
+    def keep_stages(self, stages: Iterable[int]) -> "BranchedModel":
+        """Drop the weights of every stage not in ``stages``, in place (a serving replica that runs
+        only those stages' :meth:`step`).
+
+        ``step(k)`` reads only segment ``k``, exit ``k`` and the FLOP table, which stay for the kept
+        stages; the others become empty. The model can still be optimised for inference afterwards.
+        """
+        kept = set(stages)
+        if not kept or not kept <= set(range(self.num_exits)):
+            raise ValueError(f"stages to keep must be a non-empty subset of 0..{self.num_exits - 1}, got {sorted(kept)}")
+        for j in range(self.num_exits):
+            if j not in kept:
+                self.segments[j] = Segment([])
+                self.exits[j] = nn.Identity()
         return self
 
     # ------------------------------------------------------------------ training helpers
@@ -420,52 +376,3 @@ class BranchedModel(nn.Module):
         backbone = Backbone(config.backbone, blocks, self.exits[-1].head, config.num_classes,
                             config.input_size, holder)
         return BranchedModel(config, backbone).eval()
-
-
-@contextlib.contextmanager
-def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Run probes in eval mode (BN must not update its statistics), then restore each module's mode."""
-    saved = [(m, m.training) for top in modules for m in top.modules()]
-    for top in modules:
-        top.eval()
-    try:
-        yield
-    finally:
-        for m, mode in saved:
-            m.training = mode
-
-
-def place_exits(backbone: Backbone, input_size: int, count: int, spacing: str = "even",
-                kind: str = "conv", depth: int = 1, stride: int = 2) -> list[ExitSpec]:
-    """Choose ``count`` attachment blocks by share of backbone FLOPs.
-
-    Args:
-        backbone: the backbone to place exits on.
-        input_size: side of the input, for counting FLOPs.
-        count: number of side exits.
-        spacing: ``"even"`` puts exit ``i`` of ``n`` near ``i/(n+1)`` of the backbone's FLOPs;
-            ``"pareto"`` front-loads them near ``(i/(n+1))**2`` (most inputs are easy, so early
-            exits pay off most; our reading of PTEENet's Pareto-style placement).
-        kind, depth, stride: the exit branch (see :class:`branched.exits.ExitSpec`).
-    """
-    if spacing not in ("even", "pareto"):
-        raise ValueError(f"spacing must be 'even' or 'pareto', got {spacing!r}")
-    x = torch.zeros(1, 3, input_size, input_size)
-    cumulative, total = [], 0
-    with _eval_mode([backbone.model]):
-        for _, block in backbone.blocks:
-            total += count_flops(block, x)
-            with torch.no_grad():
-                x = block(x)
-            cumulative.append(total)
-    if count >= len(cumulative):
-        raise ValueError(f"{backbone.name} has {len(cumulative)} blocks; at most {len(cumulative) - 1} exits fit")
-    chosen: list[int] = []
-    for i in range(1, count + 1):
-        share = i / (count + 1)
-        target = total * (share ** 2 if spacing == "pareto" else share)
-        candidates = [j for j in range(len(cumulative) - 1) if j not in chosen and (not chosen or j > chosen[-1])]
-        if not candidates:
-            break
-        chosen.append(min(candidates, key=lambda j: abs(cumulative[j] - target)))
-    return [ExitSpec(backbone.block_names[j], kind, depth, stride) for j in chosen]

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-__all__ = ["ImageLimits", "ImageError", "Preprocessor", "decode_image"]
+from .errors import ImageError
+
+__all__ = ["ImageLimits", "Preprocessor", "decode_image"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +37,6 @@ class ImageLimits:
     max_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
     min_side: int = 8
-
-
-class ImageError(ValueError):
-    """An input that is not a usable image; the message says why (a client error, HTTP 4xx)."""
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

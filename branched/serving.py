@@ -15,19 +15,12 @@ import torch
 
 from .artifact import load_model
 from .body import Body, image_from_body
+from .errors import ImageError, RequestError
 from .model import BranchedModel
-from .preprocess import ImageError, ImageLimits, Preprocessor
+from .preprocess import ImageLimits, Preprocessor
 from .routing import resolve_thresholds, thresholds_from_params
 
-__all__ = ["Prepared", "RequestError", "Predictor", "extract_image"]
-
-
-class RequestError(ValueError):
-    """A client error for one request (HTTP 4xx); ``status`` says which."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
+__all__ = ["Prepared", "Predictor", "extract_image"]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``branched archive``: a model directory -> ``NAME.mar`` and ``NAME-baseline.mar`` for TorchServe.
 
 Each archive is made by torch-model-archiver and carries the handler (``branched_handler.py``), the
-``branched`` package (so the archive loads offline with no pip step), the model directory under
+``branched`` inference core (so the archive loads offline with no pip step; the offline build package
+``branched/build`` and the command line are left out), the model directory under
 ``model/`` and a ``model-config.yaml`` with TorchServe's batching and worker settings. The baseline
 archive holds the same files; its ``handler: {baseline: true}`` makes the handler serve the plain
 backbone from the same weights, through the same code path.
@@ -20,7 +21,7 @@ import yaml
 
 import branched
 
-__all__ = ["ArchiveSettings", "build_archive", "build_archives", "register", "HANDLER_FILE"]
+__all__ = ["ArchiveSettings", "build_archive", "build_archives", "register", "HANDLER_FILE", "NOT_SHIPPED"]
 
 #: The handler module that goes into every archive.
 HANDLER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "branched_handler.py")
@@ -131,10 +132,14 @@ def _check_name(name: str) -> None:
         raise ValueError(f"model name {name!r} is not valid for TorchServe: use letters, digits, '_', '-', '.'")
 
 
+#: What a worker never needs: the offline build package and the command line.
+NOT_SHIPPED = ("build", "cli.py")
+
+
 def _copy_package(dest: str) -> None:
-    """The ``branched`` package's Python files (no caches), as imported right now."""
+    """The ``branched`` inference core's Python files (no caches, no build code), as imported right now."""
     src = os.path.dirname(os.path.abspath(branched.__file__))
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", *NOT_SHIPPED))
 
 
 def _cmd_archive(args: argparse.Namespace) -> None:

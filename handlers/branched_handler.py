@@ -26,9 +26,10 @@ from ts.torch_handler.base_handler import BaseHandler
 
 import branched
 from branched.body import FORM_IMAGE_FIELDS
+from branched.errors import RequestError
 from branched.preprocess import ImageLimits
 from branched.routing import ROUTING_PARAMS
-from branched.serving import Predictor, RequestError, extract_image
+from branched.serving import Predictor, extract_image
 
 __all__ = ["BranchedHandler", "MODEL_SUBDIR", "LIMIT_SETTINGS", "METRIC_EXITS", "METRIC_COST_SUM", "METRIC_COST",
            "METRIC_BAD", "METRIC_BATCHES"]

@@ -31,7 +31,7 @@ def write_expected(model_dir: str, pool_dir: str, out_path: str, baseline: bool 
 
     Args:
         model_dir: the served model directory (same thresholds as the server's defaults).
-        pool_dir: the request pool (``loadtests.runner.write_pool``).
+        pool_dir: the request pool (``loadtests.harness.write_pool``).
         out_path: the JSON file to write; returned.
         baseline: answers of the plain backbone (the servers' baseline endpoints).
     """

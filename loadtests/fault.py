@@ -1,7 +1,7 @@
 """Fault run: kill a serving process mid-load and check that the server recovers by itself.
 
 ``branched fault --server torchserve|ray --model-dir models/demo --duration 60s --kill-at 20``
-starts the server with the early-exit model (:mod:`loadtests.longrun`), runs Locust with every answer
+starts the server with the early-exit model (:mod:`loadtests.harness`), runs Locust with every answer
 checked against its image's own answer, and at ``--kill-at`` seconds SIGKILLs
 
 * TorchServe: the model's Python worker (a child of the Java frontend, which starts a new one);
@@ -32,9 +32,9 @@ from branched.artifact import load_config
 
 from .answers import read_log, recovery
 from .checks import check_answer
-from .longrun import MODEL, Pool, Target, drive, make_pool, say, serve_model
-from .runner import add_load_arguments
-from .procs import ray_replica_pids, torchserve_worker_pids, wait_for
+from .harness import MODEL, Pool, Target, add_load_arguments, drive, make_pool, run_command, say, serve
+from .launchers import wait_for
+from .procs import ray_replica_pids, torchserve_worker_pids
 from .report import read_run
 
 __all__ = ["fault", "Killer", "register"]
@@ -84,7 +84,7 @@ class Killer(threading.Thread):
             except ProcessLookupError:
                 pass
         say(f"killed {self.victim_name()} (pid {', '.join(map(str, self.victims))})")
-        self.t_replaced = wait_for(self.replaced, self.replace_timeout)
+        self.t_replaced = wait_for(lambda: self.replaced() and time.time(), self.replace_timeout, poll=0.2)
 
     def victim_name(self) -> str:
         return "the TorchServe worker" if self.target.server == "torchserve" else f"the Stage{self.stage} replica"
@@ -92,7 +92,7 @@ class Killer(threading.Thread):
 
 def probe(target: Target, pool: Pool, limit: int = 50) -> dict:
     """Send up to ``limit`` pool images one by one; count errors and answers that are not their own."""
-    with open(pool.expected) as f:
+    with open(pool.expected["early_exit"]) as f:
         expected = json.load(f)
     names = sorted(expected)[:limit]
     errors = wrong = 0
@@ -127,11 +127,11 @@ def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: s
     if server == "ray" and not 0 <= stage <= len(config.exits):
         raise ValueError(f"--stage {stage}: the model has stages 0..{len(config.exits)}")
     os.makedirs(out_dir, exist_ok=True)
-    pool = make_pool(model_dir, out_dir, pool_size)
-    with serve_model(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay) as target:
+    pool = make_pool(model_dir, out_dir, pool_size, variants=["early_exit"])
+    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False) as target:
         killer = Killer(target, kill_at, stage)
         # The killer starts with Locust (after the warm-up), so kill_at counts from the load's start.
-        run = drive(target, pool, out_dir, users, duration, on_start=killer.start)
+        run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=killer.start)
         killer.join(timeout=killer.replace_timeout)
         after = probe(target, pool)
     if killer.t_kill is None:
@@ -220,19 +220,10 @@ def print_summary(report: dict) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from branched.cli import fail
-
-    out = args.out or os.path.join("reports", f"fault-{args.server}")
-    try:
-        report = fault(args.server, args.model_dir, out, args.users, args.duration, args.kill_at, args.stage,
-                       args.pool_size, args.server_cpus, args.batch_size, args.max_batch_delay)
-    except (RuntimeError, ValueError) as exc:
-        fail(f"fault run on {args.server} failed: {exc}")
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_summary(report)
-        print(f"  report: {os.path.join(out, 'fault.json')}")
+    report, out = run_command(args, "fault run", lambda out: fault(
+        args.server, args.model_dir, out, args.users, args.duration, args.kill_at, args.stage, args.pool_size,
+        args.server_cpus, args.batch_size, args.max_batch_delay), print_summary,
+        os.path.join("reports", f"fault-{args.server}"), "fault.json")
     if not report["recovered"] or report["mismatches"]:
         print(f"fault run on {args.server}: the server did not recover by itself after {report['killed']} was killed "
               f"(replacement after {report['replaced_s']} s, answers back after {report['answers_back_s']} s, "

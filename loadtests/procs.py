@@ -1,7 +1,7 @@
 """The processes of a running server: grouped for memory sampling, and found to be killed.
 
-Both servers run in a session of their own (:class:`handlers.server.TorchServe` and
-:class:`ray_app.server.RayServe` start them with ``start_new_session``), so the server's processes
+Both servers run in a session of their own (:class:`loadtests.launchers.TorchServe` and
+:class:`loadtests.launchers.RayServe` start them with ``start_new_session``), so the server's processes
 are those whose session id is the launcher's pid. They are grouped by role:
 
 * TorchServe: ``frontend`` (the Java process), ``workers`` (Python model workers);
@@ -16,11 +16,11 @@ import os
 import re
 import threading
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import psutil
 
-__all__ = ["session_processes", "role", "RssSampler", "ray_replica_pids", "torchserve_worker_pids", "wait_for"]
+__all__ = ["session_processes", "role", "RssSampler", "ray_replica_pids", "torchserve_worker_pids"]
 
 
 _REPLICA = re.compile(r"ServeReplica:([\w.-]+?):(\w+)")
@@ -149,16 +149,3 @@ class RssSampler(threading.Thread):
             w.writerow(["seconds", "role", "processes", "rss_mib"])
             w.writerows(self.rows)
         return path
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, poll: float = 0.2) -> Optional[float]:
-    """Poll ``condition`` until true; returns the epoch time it became true, or None at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return time.time()
-        except Exception:  # noqa: BLE001 - a server mid-restart may refuse the question; ask again
-            pass
-        time.sleep(poll)
-    return None

@@ -1,7 +1,7 @@
 """Soak run: the early-exit model on one server under steady Locust load for a long time.
 
 ``branched soak --server torchserve --model-dir models/demo --duration 10m --out reports/soak-torchserve``
-starts the server (:mod:`loadtests.longrun`), samples the RSS of its processes every ``--rss-interval``
+starts the server (:mod:`loadtests.harness`), samples the RSS of its processes every ``--rss-interval``
 seconds while Locust runs, checks every answer against its image's own answer, and writes
 ``soak.json``, ``soak_minutes.csv``, ``soak_rss.csv`` and ``soak.png`` beside Locust's CSV/HTML files.
 It exits 1 (one line) when any request failed or got another request's answer.
@@ -19,10 +19,9 @@ from typing import Optional
 from branched.artifact import load_config
 
 from .answers import per_window, read_log
-from .longrun import drive, make_pool, say, serve_model
+from .harness import add_load_arguments, drive, make_pool, run_command, say, serve
 from .procs import RssSampler
 from .report import read_run
-from .runner import add_load_arguments
 
 __all__ = ["soak", "register"]
 
@@ -42,11 +41,11 @@ def soak(server: str, model_dir: str, out_dir: str, users: int = 8, duration: st
     """
     config = load_config(model_dir)
     os.makedirs(out_dir, exist_ok=True)
-    pool = make_pool(model_dir, out_dir, pool_size)
-    with serve_model(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay) as target:
+    pool = make_pool(model_dir, out_dir, pool_size, variants=["early_exit"])
+    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False) as target:
         sampler = RssSampler(server, target.sid, rss_interval)
         try:
-            run = drive(target, pool, out_dir, users, duration, on_start=sampler.start)
+            run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=sampler.start)
         finally:
             if sampler.is_alive():
                 sampler.stop()
@@ -138,19 +137,10 @@ def print_summary(report: dict) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from branched.cli import fail
-
-    out = args.out or os.path.join("reports", f"soak-{args.server}")
-    try:
-        report = soak(args.server, args.model_dir, out, args.users, args.duration, args.pool_size, args.server_cpus,
-                      args.batch_size, args.max_batch_delay, args.rss_interval, args.window)
-    except (RuntimeError, ValueError) as exc:  # a server that did not start, Locust that did not run
-        fail(f"soak on {args.server} failed: {exc}")
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print_summary(report)
-        print(f"  report: {os.path.join(out, 'soak.json')}")
+    report, out = run_command(args, "soak", lambda out: soak(
+        args.server, args.model_dir, out, args.users, args.duration, args.pool_size, args.server_cpus, args.batch_size,
+        args.max_batch_delay, args.rss_interval, args.window), print_summary,
+        os.path.join("reports", f"soak-{args.server}"), "soak.json")
     if report["failures"] or report["mismatches"]:
         print(f"soak on {args.server}: {report['failures']} failed requests, {report['mismatches']} answers that "
               f"were not their request's own (see {out}/locust_failures.csv)", file=sys.stderr)

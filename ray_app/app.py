@@ -37,15 +37,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from branched.artifact import load_config, load_model
-from branched.model import BranchedModel, RoutedOutput, Segment
+from branched.errors import RequestError
 from branched.preprocess import ImageLimits
 from branched.routing import ROUTING_PARAMS, thresholds_from_params
-from branched.serving import Predictor, Prepared, RequestError, extract_image
+from branched.serving import Predictor, Prepared, extract_image
 
 from .batching import Forwarded, Samples, num_samples, resolve, set_batching
 from .planner import calibrated_exit_rates, stage_flops, work_shares
 
-__all__ = ["Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app", "keep_stage"]
+__all__ = ["Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,27 +68,6 @@ def _replica_threads() -> int:
 def _device() -> torch.device:
     # Ray sets CUDA_VISIBLE_DEVICES from num_gpus, so a replica without GPUs sees none.
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class _Dropped(torch.nn.Module):
-    """Stands in for another stage's exit in a stage replica (no weights; never called)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = torch.nn.Sequential()  # what optimize_for_inference looks at
-
-
-def keep_stage(model: BranchedModel, k: int) -> BranchedModel:
-    """Drop every stage's weights but stage ``k``'s (a stage replica runs only ``model.step(k)``).
-
-    ``step(k)`` reads only segment ``k``, exit ``k`` and the FLOP table, which stay; the model can
-    still be optimised for inference afterwards (only stage ``k`` is then folded).
-    """
-    for j in range(model.num_exits):
-        if j != k:
-            model.segments[j] = Segment([])
-            model.exits[j] = _Dropped()
-    return model
 
 
 def routing_params(request: Request) -> dict[str, str]:
@@ -161,7 +140,7 @@ class Stage:
         self.k = k
         self.device = _device()
         model = load_model(model_dir)
-        self.model = keep_stage(model, k).optimize_for_inference().to(self.device)
+        self.model = model.keep_stages([k]).optimize_for_inference().to(self.device)
         self.class_names = model.config.class_names
         self.backbone_flops = float(model.cost.backbone_flops)
         self.last = k == model.num_exits - 1
@@ -208,12 +187,8 @@ class Stage:
         flops = None if batch.flops is None else batch.flops.to(self.device)
         r = self.model.step(self.k, x, batch.thresholds.to(self.device), flops=flops)
         results: list[Any] = [None] * n
-        if r.exited.numel():
-            exited = r.exited.tolist()
-            out = RoutedOutput(r.logits.cpu(), torch.full((len(exited),), self.k, dtype=torch.long),
-                               r.score.cpu(), r.exited_flops.cpu(), self.backbone_flops)
-            for i, answer in zip(exited, out.answers(self.class_names)):
-                results[i] = answer
+        for i, answer in zip(r.exited.tolist(), r.answers(self.k, self.class_names, self.backbone_flops)):
+            results[i] = answer
         survivors = None
         if r.survivors.numel():
             kept = r.survivors.cpu()

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from branched.cli import add_data_args, fail, parse_thresholds
+from branched.cli import add_data_args, parse_thresholds
+from branched.errors import UsageError
 
 from .planner import (calibrated_exit_rates, plan_baseline, plan_cpus, plan_gpus, serve_config,
                       stage_flops)
@@ -24,14 +25,14 @@ def _exit_rates(args: argparse.Namespace, config) -> tuple[list[float], str]:
         if rates:
             return rates, "the model's calibration"
     if not (args.dataset or config.meta.get("dataset")):
-        fail(f"{args.model_dir} has no calibrated exit rates and does not record its dataset; "
+        raise UsageError(f"{args.model_dir} has no calibrated exit rates and does not record its dataset; "
              "pass --exit-rates r0,...,r{K-1} or --dataset NAME to measure them")
     from branched.artifact import load_model
-    from branched.cli import load_eval_tensors
-    from branched.evaluate import evaluate
+    from branched.build.datasets import split_tensors
+    from branched.build.evaluate import evaluate
 
     model = load_model(args.model_dir)
-    x, y = load_eval_tensors(model, args)
+    x, y = split_tensors(model.config, args.split, args.dataset, args.data_root)
     result = evaluate(model, x, y, args.thresholds)
     return result["exit_rates"], f"an evaluation on the {args.split} split ({result['samples']} samples)"
 
@@ -42,19 +43,19 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     from branched.artifact import load_config
 
     if (args.gpus is None) == (args.cpus is None):
-        fail("give the budget as exactly one of --gpus N or --cpus N")
+        raise UsageError("give the budget as exactly one of --gpus N or --cpus N")
     config = load_config(args.model_dir)
     flops = stage_flops(config)
     rates, source = _exit_rates(args, config)
     if len(rates) != len(flops):
-        fail(f"{args.model_dir} has {len(flops)} exits (last = backbone head); got {len(rates)} exit rates")
+        raise UsageError(f"{args.model_dir} has {len(flops)} exits (last = backbone head); got {len(rates)} exit rates")
     if args.gpus is not None:
         plans = plan_gpus(flops, rates, args.gpus, args.cpus_per_replica)
     else:
         plans = plan_cpus(flops, rates, args.cpus - args.ingress_cpus * args.ingress_replicas, args.cpus_per_replica)
     apps = set(args.apps.split(","))
     if not apps or not apps <= {"staged", "baseline"}:
-        fail(f"--apps takes staged, baseline or staged,baseline; got {args.apps!r}")
+        raise UsageError(f"--apps takes staged, baseline or staged,baseline; got {args.apps!r}")
     baseline = plan_baseline(args.gpus or 0, args.cpus or 0.0, args.cpus_per_replica) if "baseline" in apps else None
     doc = serve_config(args.model_dir, plans, baseline, staged="staged" in apps, ingress_replicas=args.ingress_replicas,
                        ingress_cpus=args.ingress_cpus, host=args.host, port=args.port,

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-from branched.data import load_split
+from branched.build.datasets import load_split
 from branched.preprocess import ImageLimits
 
 __all__ = ["Case", "CASES", "SERVERS", "png", "jpeg", "digit", "bomb_png", "b64_json"]

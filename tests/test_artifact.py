@@ -6,11 +6,12 @@ import pickle
 import pytest
 import torch
 
-from branched.artifact import ArtifactError, load_model, save_model
+from branched.artifact import load_model, save_model
 from branched.backbones import build_backbone, load_backbone_weights
 from branched.cli import main
+from branched.errors import ArtifactError
 
-from test_core import make_model, median_thresholds
+from helpers import make_model, median_thresholds
 
 
 @pytest.fixture

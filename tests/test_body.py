@@ -8,7 +8,8 @@ import pytest
 import requests
 from PIL import Image
 
-from branched.serving import RequestError, extract_image
+from branched.errors import RequestError
+from branched.serving import extract_image
 
 
 @pytest.fixture(scope="module")

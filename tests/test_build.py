@@ -11,7 +11,8 @@ from PIL import Image
 
 from branched.artifact import load_model
 from branched.cli import main
-from branched.data import DataError, load_dataset, load_splits
+from branched.build.datasets import load_dataset, load_splits
+from branched.errors import DataError
 from branched.routing import thresholds_for_budget
 
 
@@ -217,7 +218,8 @@ def test_densenet_keeps_its_answers_when_optimized_for_serving():
     import torch
 
     from branched.backbones import build_backbone
-    from branched.model import BranchedModel, ModelConfig
+    from branched.config import ModelConfig
+    from branched.model import BranchedModel
 
     bb = build_backbone("cifar_densenet121", 10)
     cfg = ModelConfig(backbone="cifar_densenet121", num_classes=10, input_size=16,

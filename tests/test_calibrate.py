@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from branched.backbones import build_backbone
-from branched.calibrate import (ExitRecords, binomial_cdf, binomial_upper_bound, calibrate, collect_records,
-                                ltt_certify, p_value, threshold_path)
-from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.build.calibrate import ExitRecords, calibrate, collect_records, threshold_path
+from branched.build.guarantee import binomial_cdf, binomial_upper_bound, ltt_certify, p_value
+from branched.build.placement import place_exits
+from branched.config import ModelConfig
+from branched.model import BranchedModel
 from branched.routing import thresholds_for_budget
 
 COSTS = np.array([0.3, 0.6, 1.05])  # leaving at side exit 0, side exit 1, the backbone head

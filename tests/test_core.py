@@ -8,61 +8,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from branched.backbones import build_backbone
 from branched.cost import count_flops
 from branched.exits import ExitSpec
-from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.build.placement import place_exits
+from branched.config import ModelConfig
+from branched.model import BranchedModel
 from branched.routing import exit_score, resolve_thresholds
+from helpers import between, make_model, median_thresholds
 
 # One member of each family, at the smallest input that keeps its shapes meaningful.
 FAMILIES = [("cifar_resnet20", 32), ("resnet18", 64), ("cifar_vgg11_bn", 32), ("cifar_densenet121", 32)]
-
-
-def make_model(name: str, size: int, n_exits: int = 2, kind: str = "conv") -> BranchedModel:
-    """A branched model on an untrained backbone with random BN statistics (so BN is not the identity).
-
-    The torchvision model the blocks were cut from stays reachable as ``model.source``.
-    """
-    bb = build_backbone(name, 10)
-    for m in bb.model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1)
-            m.running_var.uniform_(0.5, 1.5)
-    cfg = ModelConfig(backbone=name, num_classes=10, input_size=size,
-                      exits=place_exits(bb, size, n_exits, kind=kind))
-    model = BranchedModel(cfg, bb).eval()
-    model.__dict__["source"] = bb.model.eval()  # a plain attribute, not a registered submodule
-    return model
-
-
-def between(scores: torch.Tensor) -> float:
-    """A threshold that lets about half of ``scores`` through, halfway between two neighbouring scores.
-
-    ``median()`` would return a sample's own score, and float differences between a batch and a
-    single-sample run (1e-7) could then flip that sample's exit.
-    """
-    s = scores.flatten().sort().values
-    mid = len(s) // 2
-    return float((s[mid - 1] + s[mid]) / 2) if len(s) > 1 else float(s[0])
-
-
-def median_thresholds(model: BranchedModel, x: torch.Tensor) -> list[float]:
-    """Thresholds that let about half of the samples out at each exit."""
-    with torch.no_grad():
-        outs = model(x)
-    return [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
-
-
-def save_mnist_model(directory: str, input_size: int) -> str:
-    """``cifar_resnet20`` with untrained exits, thresholds at the score medians of the first 24 mnist5k test
-    images (the load tests' pool spreads over every exit), saved to ``directory``."""
-    from branched.artifact import save_model
-    from branched.data import load_split
-    from branched.preprocess import Preprocessor
-
-    model = make_model("cifar_resnet20", input_size)
-    model.config.meta.update(dataset="mnist5k", split_seed=0)
-    x, _ = load_split("mnist5k", "test").subset(list(range(24))).tensors(Preprocessor.for_config(model.config))
-    model.config.thresholds = median_thresholds(model, x)
-    save_model(model, directory)
-    return directory
 
 
 @pytest.fixture(scope="module", params=FAMILIES, ids=[f for f, _ in FAMILIES])

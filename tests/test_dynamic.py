@@ -11,13 +11,15 @@ from torchvision.models.resnet import Bottleneck
 
 from branched.artifact import load_model, save_model
 from branched.backbones import build_backbone
-from branched.dynamic import GatedBlock, add_gates, gate_settings, gated_blocks
-from branched.dynamic_train import train_gates
-from branched.model import BranchedModel, ModelConfig, place_exits
+from branched.lcnet import GatedBlock, gate_settings, gated_blocks
+from branched.build.lcnet_train import add_gates, train_gates
+from branched.build.placement import place_exits
+from branched.config import ModelConfig
+from branched.model import BranchedModel
 from branched.preprocess import Preprocessor
 from branched.routing import exit_score
 from branched.serving import Predictor
-from test_core import between
+from helpers import between
 
 MODES = ["layer", "channel", "both"]
 SIZE = 16  # cifar_resnet20 at 16x16 (the demo's input size): every shape is exercised, at a quarter of the work

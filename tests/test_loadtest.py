@@ -6,7 +6,9 @@ import pytest
 
 from loadtests.compare import compare
 
-from test_core import save_mnist_model
+from helpers import save_mnist_model
+
+pytestmark = pytest.mark.server  # starts a real server
 
 
 @pytest.fixture(scope="module")

@@ -33,24 +33,15 @@ from branched.routing import exit_score
 from branched.serving import Predictor
 from ray_app.planner import pack_fractions, plan_cpus, plan_gpus, stage_flops, work_shares
 
-from test_core import make_model, between
+from helpers import between, free_port, make_model, png, readme_curls, run_curl
+
+pytestmark = pytest.mark.server  # starts a real server
 
 N_IMAGES = 24
 CONFIG_YAML = "ray_app/config.yaml"
 STAGES = 3
 
 
-def png(seed: int, size: int = 32) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +269,13 @@ def test_plan_command_writes_a_deployable_config(model_dir, tmp_path, capsys):
                       (["--cpus", "4", "--exit-rates", "0.5,0.6,0.1"], "sum to 1")]:
         assert cli_main(["ray-plan", model_dir, *argv]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_the_readmes_curl_commands_answer(server, tmp_path):
+    """Every README curl line for the local Ray Serve apps, run as written (address swapped)."""
+    (tmp_path / "digit.png").write_bytes(png(0))
+    commands = readme_curls("127.0.0.1:8000/predict", "127.0.0.1:8000/baseline/predict")
+    assert len(commands) >= 3, commands
+    for command in commands:
+        answer = run_curl(command, str(tmp_path), {"http://127.0.0.1:8000": server})
+        assert {"class_index", "label", "confidence", "exit", "cost_fraction"} <= set(answer), (command, answer)

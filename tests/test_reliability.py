@@ -32,14 +32,12 @@ from branched.artifact import save_model
 from branched.preprocess import ImageLimits
 from branched.routing import exit_score
 from branched.serving import Predictor
-from handlers.server import REPO_ROOT, TorchServe
-from ray_app.server import RayServe
+from loadtests.launchers import REPO_ROOT, RayServe, TorchServe
 
 from bad_requests import CASES, SERVERS, Case, digit, jpeg, png
-from test_core import make_model
-from test_torchserve import metric, metrics, wait_for
+from helpers import make_model, metric, metrics, wait_for
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]  # starts a real server
 
 NAME = "reliability"
 BRANCHED = os.path.join(os.path.dirname(sys.executable), "branched")
@@ -253,7 +251,7 @@ def test_concurrent_answers_are_each_requests_own(servers, reference, served, se
         barrier.wait()  # all at once, so that the servers batch them
         return post(url + (f"?{urlencode(query)}" if query else ""), body, headers)
 
-    before = metrics(handle) if server == "torchserve" else None
+    before = metrics(handle.metrics_url) if server == "torchserve" else None
     with ThreadPoolExecutor(len(jobs)) as pool:
         replies = list(pool.map(send, jobs))
     for (body, _, _, expected), reply in zip(jobs, replies):
@@ -264,7 +262,7 @@ def test_concurrent_answers_are_each_requests_own(servers, reference, served, se
             assert_same(reply.json(), expected)
     if server == "torchserve":  # the point of the test: requests shared batches (the handler's counters)
         def counted():
-            after = metrics(handle)
+            after = metrics(handle.metrics_url)
             delta = {k: metric(after, k, ModelName=NAME) - metric(before, k, ModelName=NAME)
                      for k in ("BranchedExitRequests", "BranchedBatches")}
             return delta if delta["BranchedExitRequests"] >= N_ALIGN else None

@@ -9,15 +9,11 @@ from PIL import Image
 
 from branched.artifact import save_model
 from branched.routing import thresholds_for_budget, thresholds_from_params
-from branched.serving import Predictor, RequestError
+from branched.errors import RequestError
+from branched.serving import Predictor
 
-from test_core import make_model
+from helpers import make_model, png
 
-
-def png(seed: int, size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from loadtests.checks import check_answer
 from loadtests.fault import fault
 from loadtests.soak import soak
 
-from test_core import save_mnist_model
+from helpers import save_mnist_model
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +20,7 @@ def model_dir(tmp_path_factory):
     return save_mnist_model(str(tmp_path_factory.mktemp("soak_model")), 16)
 
 
+@pytest.mark.server
 def test_fault_run_torchserve_worker_killed_and_replaced(model_dir, tmp_path):
     out = str(tmp_path / "fault")
     report = fault("torchserve", model_dir, out, users=4, duration="12s", kill_at=4, pool_size=24)
@@ -40,6 +41,7 @@ def test_fault_run_torchserve_worker_killed_and_replaced(model_dir, tmp_path):
     assert report["longest_gap_s"] >= report["answers_back_s"] - (report["last_failure_s"] or 0.0) > 0
 
 
+@pytest.mark.server
 def test_soak_run_torchserve_report_adds_up(model_dir, tmp_path):
     out = str(tmp_path / "soak")
     report = soak("torchserve", model_dir, out, users=4, duration="8s", pool_size=24, rss_interval=2, window_s=3)

@@ -25,16 +25,16 @@ import yaml
 from PIL import Image
 
 from branched.artifact import save_model
-from branched.data import load_split
+from branched.build.datasets import load_split
 from branched.preprocess import Preprocessor
 from branched.routing import exit_score
 from branched.serving import Predictor
 
 from handlers.archive import build_archives
-from handlers.server import TorchServe
-from test_core import make_model
+from loadtests.launchers import TorchServe
+from helpers import make_model, metric, metrics, readme_curls, run_curl, wait_for
 
-pytestmark = pytest.mark.timeout(500)
+pytestmark = [pytest.mark.server, pytest.mark.timeout(500)]  # starts a real server
 
 NAME = "tstiny"
 BASELINE = f"{NAME}-baseline"
@@ -145,39 +145,16 @@ def concurrently(calls: list) -> list:
         return list(pool.map(run, calls))
 
 
-def metrics(ts: TorchServe) -> dict[tuple, float]:
-    """Prometheus text -> {(name, (label, value), ...): sample}."""
-    out = {}
-    for line in requests.get(ts.metrics_url, timeout=10).text.splitlines():
-        m = re.match(r"^(\w+)\{(.*)\}\s+(\S+)$", line)
-        if m:
-            labels = tuple(sorted((k, v) for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(2)) if k != "Hostname"))
-            out[(m.group(1), labels)] = float(m.group(3))
-    return out
-
-
-def metric(snapshot: dict, name: str, **labels: str) -> float:
-    return sum(v for (n, ls), v in snapshot.items() if n == name and set(labels.items()) <= set(ls))
-
-
-def wait_for(condition, timeout: float = 20.0):
-    """Poll ``condition`` (returns a value or None) until it holds; backend metrics reach the frontend via logs."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value is not None or time.monotonic() > deadline:
-            return value
-        time.sleep(0.3)
-
-
 # -- tests ---------------------------------------------------------------------------------------
 
 def test_archives_carry_handler_core_model_and_config(store):
     for name, baseline in ((NAME, False), (BASELINE, True)):
         with zipfile.ZipFile(os.path.join(store, f"{name}.mar")) as z:
             files = set(z.namelist())
-            assert {"branched_handler.py", "branched/serving.py", "branched/model.py", "model/config.json",
-                    "model/weights.pt", "model-config.yaml", "MAR-INF/MANIFEST.json"} <= files
+            assert {"branched_handler.py", "branched/serving.py", "branched/model.py", "branched/lcnet/blocks.py",
+                    "model/config.json", "model/weights.pt", "model-config.yaml", "MAR-INF/MANIFEST.json"} <= files
+            # The inference core only: no training or calibration code, no command line.
+            assert not [f for f in files if f.startswith("branched/build/") or f == "branched/cli.py"]
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
             config = yaml.safe_load(z.read("model-config.yaml"))
         assert manifest["model"]["modelName"] == name and manifest["model"]["handler"] == "branched_handler.py"
@@ -245,7 +222,7 @@ def test_per_request_thresholds_change_exits(server, images, reference):
 
 
 def test_concurrent_requests_are_batched_and_routed_per_request(server, images, reference):
-    before = metrics(server)
+    before = metrics(server.metrics_url)
     calls, expected = [], []
     for i, body in enumerate(images[:24]):
         params = PARAMS[i % len(PARAMS)]
@@ -258,7 +235,7 @@ def test_concurrent_requests_are_batched_and_routed_per_request(server, images, 
             assert_same(r.json(), e)
 
     def batched():
-        after = metrics(server)
+        after = metrics(server.metrics_url)
         n = sum(metric(after, "BranchedExitRequests", ModelName=NAME, Exit=str(k))
                 - metric(before, "BranchedExitRequests", ModelName=NAME, Exit=str(k)) for k in range(3))
         batches = metric(after, "BranchedBatches", ModelName=NAME) - metric(before, "BranchedBatches", ModelName=NAME)
@@ -271,14 +248,14 @@ def test_concurrent_requests_are_batched_and_routed_per_request(server, images, 
 
 
 def test_metrics_endpoint_counts_exits_cost_and_bad_requests(server, images):
-    before = metrics(server)
+    before = metrics(server.metrics_url)
     answers = [predict(server, body, {}).json() for body in images[:8]]
     assert predict(server, b"", {}).status_code == 400
     tally = {k: sum(a["exit"] == k for a in answers) for k in range(3)}
     cost = sum(a["cost_fraction"] for a in answers)
 
     def counted():
-        after = metrics(server)
+        after = metrics(server.metrics_url)
         delta = {k: metric(after, "BranchedExitRequests", ModelName=NAME, Exit=str(k))
                  - metric(before, "BranchedExitRequests", ModelName=NAME, Exit=str(k)) for k in range(3)}
         bad = (metric(after, "BranchedBadRequests", ModelName=NAME, Status="400")
@@ -286,7 +263,7 @@ def test_metrics_endpoint_counts_exits_cost_and_bad_requests(server, images):
         return after if delta == tally and bad == 1 else None
 
     after = wait_for(counted)
-    assert after is not None, f"exit counters never reached {tally}: {metrics(server)}"
+    assert after is not None, f"exit counters never reached {tally}: {metrics(server.metrics_url)}"
     cost_sum = metric(after, "BranchedCostFractionSum", ModelName=NAME) - metric(before, "BranchedCostFractionSum",
                                                                                   ModelName=NAME)
     assert cost_sum == pytest.approx(cost, rel=1e-6)
@@ -306,3 +283,15 @@ def test_baseline_serves_the_same_backbone_without_exits(server, images, model_d
         full = predict(server, body, {"thresholds": "inf,inf"}).json()
         assert full["class_index"] == answer["class_index"]
         assert full["confidence"] == pytest.approx(answer["confidence"], abs=1e-4)
+
+
+def test_the_readmes_curl_commands_answer(server, images, tmp_path):
+    """Every README curl line for /predictions/demo and /models/demo/invoke, run as written (address and name swapped)."""
+    (tmp_path / "digit.png").write_bytes(images[0])
+    commands = readme_curls("127.0.0.1:8080/predictions/demo", "127.0.0.1:8080/models/demo/invoke")
+    assert len(commands) >= 7, commands  # the walk-through, the request table and the threshold examples
+    swap = {"http://127.0.0.1:8080": server.inference_url, "/predictions/demo ": f"/predictions/{NAME} ",
+            "/models/demo/": f"/models/{NAME}/"}
+    for command in commands:
+        answer = run_curl(command, str(tmp_path), swap)
+        assert {"class_index", "label", "confidence", "exit", "cost_fraction"} <= set(answer), (command, answer)

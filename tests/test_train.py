@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from branched.backbones import build_backbone
 from branched.exits import ExitOutput
-from branched.model import BranchedModel, ModelConfig, place_exits
-from branched.train import ExitObjective, FitSettings, exit_loss, fit, train_exits
+from branched.build.placement import place_exits
+from branched.config import ModelConfig
+from branched.model import BranchedModel
+from branched.build.train import ExitObjective, FitSettings, exit_loss, fit, train_exits
 
 COSTS = torch.tensor([0.3, 1.0])
 

@@ -1,7 +1,7 @@
 """Training LC-Net gates to a FLOPs budget.
 
 The gates learn the keep decisions and the scales. The plain backbone never changes (it stays the
-baseline, as for the exits): with ``finetune`` gates (:func:`branched.dynamic.add_gates`) each gated
+baseline, as for the exits): with ``finetune`` gates (:func:`add_gates`) each gated
 block trains its own copy of the block's weights together with its gate (BN in training mode);
 without, the gated path runs the frozen block as it is. Decisions are relaxed with straight-through binary
 Gumbel-softmax (hard 0/1 forward, sigmoid gradient backward; the noise is annealed away so training
@@ -16,21 +16,49 @@ lowered while it is under (``lambda <- max(0, lambda + dual_lr * (cost - target)
 budget is met whatever the scale of the task loss; under budget the term is silent and accuracy
 takes back what the budget allows.
 where a sample's cost sums every gated block's ``gate + keep * (fixed + per_channel * sum(keep_channel))``
-over the sampled (straight-through) decisions (:meth:`branched.dynamic.GatedBlock._expected_flops`) and the static FLOPs of the
+over the sampled (straight-through) decisions (:meth:`branched.lcnet.GatedBlock._expected_flops`) and the static FLOPs of the
 ungated blocks and the head, over the plain backbone's FLOPs. Exits are not part of this loss:
 train them afterwards, on the gated features.
 """
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from .dynamic import GatedBlock, gated_blocks
+from ..backbones import Backbone
+from ..config import ModelConfig
+from ..lcnet import DEFAULT_HIDDEN, GatedBlock, apply_gates, gate_settings, gated_blocks
+from ..model import BranchedModel
 
-__all__ = ["train_gates", "static_flops"]
+__all__ = ["add_gates", "train_gates", "static_flops"]
+
+
+def add_gates(model, mode: str, hidden: int = DEFAULT_HIDDEN, blocks: Optional[list[str]] = None,
+              finetune: bool = True, **extra: Any):
+    """A gated copy of a :class:`~branched.model.BranchedModel` that shares its backbone and exits.
+
+    The exits keep their weights; train the gates (:func:`train_gates`)
+    and then the exits, which should see gated features.
+
+    Args:
+        model: an un-optimised branched model (with or without exits), not yet gated.
+        mode, hidden, blocks, finetune, extra: see :func:`gate_settings`.
+    """
+    pairs = [(n, b) for seg in model.segments for n, b in zip(seg.names, seg.blocks)]
+    holder = nn.ModuleList(b for _, b in pairs)
+    plain = Backbone(model.config.backbone, pairs, model.exits[-1].head, model.config.num_classes,
+                     model.config.input_size, holder)
+    settings = gate_settings(plain, mode, hidden, blocks, finetune, **extra)
+    config = ModelConfig(**{**model.config.to_dict(), "dynamic": settings})
+    gated = BranchedModel(config, apply_gates(plain, settings))
+    for new, old in zip(gated.exits[:-1], model.exits[:-1]):
+        new.load_state_dict(old.state_dict())
+    return gated.train(model.training)
 
 
 def static_flops(model) -> float:
@@ -54,7 +82,7 @@ def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost
     """Train the gates of ``model`` (a gated :class:`~branched.model.BranchedModel`) in place.
 
     Args:
-        model: a model with LC-Net gates (:func:`branched.dynamic.add_gates` or ``from_config``).
+        model: a model with LC-Net gates (:func:`branched.build.lcnet_train.add_gates` or ``from_config``).
         train_x, train_y: training images (preprocessed) and labels.
         target_cost: FLOPs budget as a fraction of the plain backbone (exits excluded), e.g. 0.5.
         epochs: passes over the training set.
@@ -81,7 +109,7 @@ def train_gates(model, train_x: torch.Tensor, train_y: torch.Tensor, target_cost
     """
     gates = gated_blocks(model)
     if not gates:
-        raise ValueError("the model has no LC-Net gates; add them with branched.dynamic.add_gates first")
+        raise ValueError("the model has no LC-Net gates; add them with branched.build.lcnet_train.add_gates first")
     if not 0.0 < target_cost <= 1.0:
         raise ValueError(f"target cost must be a fraction of the backbone's FLOPs in (0, 1], got {target_cost}")
     if len(train_x) != len(train_y) or len(train_x) == 0:

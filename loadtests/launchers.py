@@ -1,15 +1,21 @@
-"""Start and stop a real TorchServe: loopback, free ports, private temp/log dirs, no leftovers.
+"""Start and stop real servers for tests and load runs: TorchServe and Ray Serve on loopback, free ports, no leftovers.
 
-Used by the tests and by the load-test runner (``loadtests.compare``).
+Used by the tests and by the load-test harness (:mod:`loadtests.harness`). Both launchers start the
+server in a session of its own (``start_new_session``), so its whole process tree can be found
+(:mod:`loadtests.procs`) and killed.
 
-The instance runs from the repository's ``config.properties`` with only the addresses, model store
+:class:`TorchServe`: the instance runs from the repository's ``config.properties`` with only the addresses, model store
 and metrics config path replaced, so the tests exercise the shipped configuration. Each instance
 gets its own ``TMPDIR``/``TEMP`` (TorchServe keeps its pid file, unpacked archives and worker sockets
 there), so it never collides with another TorchServe on the same machine, and it runs in its own
 process group, which :meth:`TorchServe.stop` kills after ``torchserve --stop`` as a last resort.
+
+:class:`RayServe`: ``python -m ray_app.server`` (both apps on a private local Ray) as a child process,
+pinned to given CPUs, ready when both apps answer a probe image.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,11 +23,11 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import requests
 
-__all__ = ["TorchServe", "free_port", "REPO_ROOT"]
+__all__ = ["TorchServe", "RayServe", "free_port", "wait_for", "REPO_ROOT"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config.properties lives here
 TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
@@ -32,6 +38,22 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20.0, poll: float = 0.3) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; None at ``timeout``.
+
+    An exception from ``condition`` counts as "not yet" (a server mid-restart may refuse the question).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except Exception:  # noqa: BLE001 - ask again
+            value = None
+        if value or time.monotonic() > deadline:
+            return value or None
+        time.sleep(poll)
 
 
 def _properties(path: str) -> dict[str, str]:
@@ -189,6 +211,100 @@ class TorchServe:
             except ProcessLookupError:
                 pass
         self.pgid = None
+
+
+def _probe_png(size: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class RayServe:
+    """The staged and baseline apps of ``model_dir`` in a child process.
+
+    Args:
+        model_dir: model directory for both apps.
+        cpus: CPUs the process tree may use (affinity); None: all. Ray is told as many logical CPUs.
+        port: HTTP port on 127.0.0.1 (default: a free one).
+        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings of every stage and the baseline.
+        log_path: where the child's output goes (default: a file in the temp dir).
+    """
+
+    def __init__(self, model_dir: str, cpus: Optional[set[int]] = None, port: Optional[int] = None,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, log_path: Optional[str] = None) -> None:
+        self.model_dir = os.path.abspath(model_dir)
+        self.cpus = cpus
+        self.port = port or free_port()
+        self.batch = (max_batch_size, batch_wait_timeout_s)
+        self.log_path = log_path or os.path.join("/tmp", f"branched-ray-{self.port}.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> "RayServe":
+        """Start and wait until both apps answer a probe image.
+
+        Raises:
+            RuntimeError: the apps did not come up in time (the log tail is in the message).
+        """
+        from branched.artifact import load_config
+
+        probe = _probe_png(load_config(self.model_dir).input_size)
+        n_cpus = len(self.cpus) if self.cpus else len(os.sched_getaffinity(0))
+        cmd = [sys.executable, "-m", "ray_app.server", "--model-dir", self.model_dir, "--port", str(self.port),
+               "--num-cpus", str(n_cpus), "--max-batch-size", str(self.batch[0]),
+               "--batch-wait-timeout-s", str(self.batch[1])]
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                if all(requests.post(self.url + path, data=probe, timeout=10).status_code == 200
+                       for path in ("/predict", "/baseline/predict")):
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(1.0)
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"Ray Serve did not get ready in {timeout:.0f}s:\n{tail}")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """SIGINT (graceful ``serve.shutdown``), then SIGKILL whatever is left of the group."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        try:
+            os.killpg(pgid, signal.SIGINT)
+            self.proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+    def __enter__(self) -> "RayServe":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _group_alive(pgid: int) -> bool:

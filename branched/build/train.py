@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from .backbones import Backbone
-from .exits import ExitOutput
+from ..backbones import Backbone
+from ..exits import ExitOutput
 
 __all__ = ["FitSettings", "augmentation", "fit", "train_backbone", "exit_loss", "EXIT_OBJECTIVES",
            "ExitObjective", "exit_features", "train_exits"]

@@ -11,70 +11,23 @@ requests are transformed identically.
 """
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
-from tqdm import tqdm
 
-from .preprocess import Preprocessor
+from ..config import ModelConfig
+from ..errors import UsageError
+from ..preprocess import Preprocessor
 
-__all__ = ["ImageDataset", "DATASETS", "SPLITS", "load_dataset", "load_split", "load_splits", "split_indices", "DEFAULT_DATASET",
-           "DataError", "FileImages"]
+from .images import ImageDataset
+from .local_data import cifar10, imagefolder, svhn
+
+__all__ = ["DATASETS", "SPLITS", "load_dataset", "load_split", "load_splits", "split_indices", "split_tensors",
+           "DEFAULT_DATASET"]
 
 DEFAULT_DATASET = "mnist5k"
 SPLITS = ("train", "calib", "test")
-
-
-@dataclass
-class ImageDataset:
-    """Images and integer labels.
-
-    Attributes:
-        name: dataset name.
-        images: a sequence of uint8 arrays, ``HxW`` (grayscale) or ``HxWx3`` (RGB).
-        labels: int64 array ``[N]``.
-        class_names: label names.
-        mean, std: per-channel normalisation statistics to build models with.
-        test_index: indices of an official test set, if the dataset has one (it then stays the
-            test split; train and calibration come from the other indices).
-    """
-
-    name: str
-    images: Sequence[np.ndarray]
-    labels: np.ndarray
-    class_names: list[str]
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
-    test_index: Optional[np.ndarray] = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, i: int) -> Image.Image:
-        return Image.fromarray(np.asarray(self.images[i]))
-
-    def image_bytes(self, i: int, fmt: str = "PNG") -> bytes:
-        """Image ``i`` encoded as a client would send it."""
-        buf = io.BytesIO()
-        self.image(i).save(buf, format=fmt)
-        return buf.getvalue()
-
-    def subset(self, index: np.ndarray) -> "ImageDataset":
-        images = (self.images.subset(index) if isinstance(self.images, FileImages)
-                  else [self.images[i] for i in index])
-        return ImageDataset(self.name, images, self.labels[index], self.class_names, self.mean, self.std)
-
-    def tensors(self, preprocessor: Preprocessor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images as one ``[N, 3, S, S]`` tensor (through ``preprocessor``) and labels ``[N]``."""
-        it = range(len(self))
-        if progress:
-            it = tqdm(it, desc=f"preprocess {self.name}", unit="img", leave=False)
-        x = torch.stack([preprocessor.from_image(self.image(i)) for i in it]) if len(self) else torch.empty(0)
-        return x, torch.as_tensor(self.labels, dtype=torch.long)
 
 
 def _mnist5k(root: Optional[str] = None) -> ImageDataset:
@@ -87,8 +40,6 @@ def _mnist5k(root: Optional[str] = None) -> ImageDataset:
     return ImageDataset("mnist5k", list(images), y.astype(np.int64), [str(i) for i in range(10)],
                         [mean] * 3, [std] * 3)
 
-
-from .data_local import DataError, FileImages, cifar10, imagefolder, svhn  # noqa: E402 - needs ImageDataset
 
 DATASETS: dict[str, Callable[[Optional[str]], ImageDataset]] = {
     "mnist5k": _mnist5k, "cifar10": cifar10, "svhn": svhn, "imagefolder": imagefolder}
@@ -143,3 +94,22 @@ def load_splits(name: str = DEFAULT_DATASET, root: Optional[str] = None, seed: i
     data = load_dataset(name, root)
     index = split_indices(len(data), seed, test_index=data.test_index)
     return {split: data.subset(index[split]) for split in SPLITS}
+
+
+def split_tensors(config: ModelConfig, split: str = "test", dataset: Optional[str] = None,
+                  root: Optional[str] = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensors and labels of a split of the model's dataset, preprocessed as the model expects.
+
+    Args:
+        config: the model's config; its ``meta`` names the dataset, data root and split seed it was built on.
+        split: ``train``, ``calib`` or ``test``.
+        dataset, root: another dataset / folder than the one the model records.
+
+    Raises:
+        UsageError: the model does not record its dataset and none is given.
+    """
+    name = dataset or config.meta.get("dataset")
+    if not name:
+        raise UsageError("the model does not record its dataset; pass --dataset NAME")
+    data = load_split(name, split, root=root or config.meta.get("data_root"), seed=int(config.meta.get("split_seed", 0)))
+    return data.tensors(Preprocessor.for_config(config), progress=progress)

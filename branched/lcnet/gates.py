@@ -19,12 +19,13 @@ spent on each sample, counted the way ``torch.utils.flop_counter`` counts them (
 A sample's channel cost therefore depends on the batch it is served in: the union of a batch
 is never smaller than one sample's mask. :meth:`GatedBlock.forward` computes everything and
 applies the decisions as masks (hard, or relaxed with straight-through Gumbel noise for
-training, see :mod:`branched.dynamic_train`). ``GatedBlock.ungated`` is the original block: the
+training, see :mod:`branched.build.lcnet_train`). ``GatedBlock.ungated`` is the original block: the
 core's plain-backbone path (``backbone_forward``, ``without_exits``, the FLOP table) runs it, so
 the plain backbone stays the baseline even when the gated path fine-tunes its own copy.
 
 This module holds the settings and the wiring (:func:`gate_settings`, :func:`apply_gates` used by
-``BranchedModel.from_config``, :func:`add_gates`); the modules live in :mod:`branched.dynamic_blocks`.
+``BranchedModel.from_config``); the modules live in :mod:`branched.lcnet.blocks`, and gating a model
+for training (``add_gates``) is build-time code in :mod:`branched.build.lcnet_train`.
 """
 from __future__ import annotations
 
@@ -33,11 +34,10 @@ from typing import Any, Mapping, Optional
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .backbones import Backbone
-from .dynamic_blocks import DEFAULT_HIDDEN, Gate, GateDecision, GatedBlock, ResidualBranch
+from ..backbones import Backbone
+from .blocks import DEFAULT_HIDDEN, Gate, GateDecision, GatedBlock, ResidualBranch
 
-__all__ = ["MODES", "DEFAULT_HIDDEN", "GateDecision", "Gate", "ResidualBranch", "GatedBlock", "gate_settings",
-           "apply_gates", "add_gates", "gated_blocks"]
+__all__ = ["MODES", "gate_settings", "apply_gates", "gated_blocks"]
 
 MODES = ("layer", "channel", "both")
 
@@ -108,31 +108,6 @@ def apply_gates(backbone: Backbone, settings: Mapping[str, Any]) -> Backbone:
         blocks.append((name, block))
     return Backbone(backbone.name, blocks, backbone.head, backbone.num_classes, backbone.default_input_size,
                     backbone.model)
-
-
-def add_gates(model, mode: str, hidden: int = DEFAULT_HIDDEN, blocks: Optional[list[str]] = None,
-              finetune: bool = True, **extra: Any):
-    """A gated copy of a :class:`~branched.model.BranchedModel` that shares its backbone and exits.
-
-    The exits keep their weights; train the gates (:func:`branched.dynamic_train.train_gates`)
-    and then the exits, which should see gated features.
-
-    Args:
-        model: an un-optimised branched model (with or without exits), not yet gated.
-        mode, hidden, blocks, finetune, extra: see :func:`gate_settings`.
-    """
-    from .model import BranchedModel, ModelConfig
-
-    pairs = [(n, b) for seg in model.segments for n, b in zip(seg.names, seg.blocks)]
-    holder = nn.ModuleList(b for _, b in pairs)
-    plain = Backbone(model.config.backbone, pairs, model.exits[-1].head, model.config.num_classes,
-                     model.config.input_size, holder)
-    settings = gate_settings(plain, mode, hidden, blocks, finetune, **extra)
-    config = ModelConfig(**{**model.config.to_dict(), "dynamic": settings})
-    gated = BranchedModel(config, apply_gates(plain, settings))
-    for new, old in zip(gated.exits[:-1], model.exits[:-1]):
-        new.load_state_dict(old.state_dict())
-    return gated.train(model.training)
 
 
 def gated_blocks(model: nn.Module) -> list[GatedBlock]:

@@ -7,43 +7,16 @@ names the files expected and where.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
-from PIL import Image
 
-__all__ = ["DataError", "FileImages", "cifar10", "svhn", "imagefolder"]
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import DataError
+from .images import FileImages, ImageDataset
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+__all__ = ["cifar10", "svhn", "imagefolder"]
 
-
-class DataError(ValueError):
-    """A dataset folder that is missing or malformed (a user error: one line that says what to fix)."""
-
-
-class FileImages(Sequence):
-    """Images read from disk on access, so an ImageFolder tree is not held in memory.
-
-    Args:
-        paths: image file paths.
-    """
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> np.ndarray:  # type: ignore[override]
-        try:
-            with Image.open(self.paths[i]) as img:
-                return np.asarray(img.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"cannot read image {self.paths[i]!r}: {exc}; remove or replace the file") from None
-
-    def subset(self, index: Sequence[int]) -> "FileImages":
-        return FileImages([self.paths[i] for i in index])
 
 
 def _short(exc: BaseException, limit: int = 160) -> str:
@@ -69,8 +42,6 @@ def _channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 def _assemble(name: str, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
               class_names: list[str]):
     """One ImageDataset of official train followed by official test, with the test indices recorded."""
-    from .data import ImageDataset  # data.py imports this module; import lazily to avoid a cycle
-
     images = np.concatenate([train_x, test_x])
     labels = np.concatenate([train_y, test_y]).astype(np.int64)
     mean, std = _channel_stats(train_x)
@@ -147,8 +118,6 @@ def imagefolder(root: Optional[str] = None):
     Images keep their own size on disk and are resized by the model's preprocessor; normalisation
     defaults to ImageNet statistics (what pretrained torchvision weights expect).
     """
-    from .data import ImageDataset
-
     expected = "<class name>/<image> folders, or train/<class>/... and test/<class>/..."
     root = _require_root("imagefolder", root, expected)
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))

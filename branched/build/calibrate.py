@@ -34,12 +34,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .guarantee import FAMILIES, P_VALUES, binomial_cdf, binomial_upper_bound, ltt_certify, p_value
-from .routing import exit_score
+from ..routing import exit_score
+from .guarantee import FAMILIES, P_VALUES, binomial_upper_bound, ltt_certify, p_value
 
 __all__ = ["ExitRecords", "collect_records", "collect_records_by_policy", "split_calibration", "choose_policy",
-           "Calibration", "threshold_path", "binomial_cdf", "p_value", "ltt_certify",
-           "binomial_upper_bound", "calibrate", "FAMILIES", "P_VALUES"]
+           "Calibration", "threshold_path", "calibrate"]
 
 
 @dataclass

@@ -16,7 +16,7 @@ def write_tradeoff_csv(path: str, cal: Calibration, test_points: Optional[Sequen
 
     Args:
         path: CSV file to write.
-        cal: the :class:`~branched.calibrate.Calibration`.
+        cal: the :class:`~branched.build.calibrate.Calibration`.
         test_points: :meth:`ExitRecords.point` of each path entry on the test split, if measured.
     """
     k1 = len(cal.path[0]) if cal.path else 0
@@ -44,7 +44,7 @@ def plot_tradeoff(path: str, cal: Calibration, test_points: Optional[Sequence[di
 
     Args:
         path: PNG file to write.
-        cal: the :class:`~branched.calibrate.Calibration`.
+        cal: the :class:`~branched.build.calibrate.Calibration`.
         test_points: the same sweep measured on the test split (drawn dashed), if available.
         title: plot title.
     """

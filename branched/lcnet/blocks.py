@@ -1,4 +1,4 @@
-"""LC-Net building blocks: the gate network and the gated ResNet block (see :mod:`branched.dynamic`).
+"""LC-Net building blocks: the gate network and the gated ResNet block (see :mod:`branched.lcnet.gates`).
 
 :class:`Gate` maps a block's pooled input to keep decisions and scales; :class:`GatedBlock` wraps a
 torchvision ``BasicBlock``/``Bottleneck``, applying the decisions as masks in ``forward`` (training and
@@ -211,7 +211,7 @@ class GatedBlock(nn.Module):
 
     Attributes:
         relaxed: training mode of the gate (straight-through Gumbel decisions, expected cost kept
-            in ``expected_flops``); set by :func:`branched.dynamic_train.train_gates`.
+            in ``expected_flops``); set by :func:`branched.build.lcnet_train.train_gates`.
         tau: Gumbel-softmax temperature while relaxed.
         noise: scale of the Gumbel noise while relaxed (0: plain straight-through).
     """
@@ -239,14 +239,8 @@ class GatedBlock(nn.Module):
         self.branch = ResidualBranch()
         self._resolve_parts()
 
-    # ------------------------------------------------------------------ structure
-    @property
-    def has_layer_gate(self) -> bool:
-        return self.gate.layer
-
-    @property
-    def has_channel_gate(self) -> bool:
-        return self.gate.channels > 0
+    has_layer_gate = property(lambda self: self.gate.layer)
+    has_channel_gate = property(lambda self: self.gate.channels > 0)
 
     @property
     def ungated(self) -> nn.Module:
@@ -287,7 +281,6 @@ class GatedBlock(nn.Module):
                     pass
         self._resolve_parts()
 
-    # ------------------------------------------------------------------ cost
     def flop_parts(self, h: int, w: int) -> tuple[int, int]:
         """Per-sample FLOPs of running the block on an ``h x w`` input: ``(fixed, per_channel)``.
 
@@ -326,7 +319,6 @@ class GatedBlock(nn.Module):
             block = block * d.layer_keep
         return block + self.gate.flops
 
-    # ------------------------------------------------------------------ compute
     def _identity(self, x: torch.Tensor) -> torch.Tensor:
         if self._shortcut is None:
             return x
