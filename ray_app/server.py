@@ -27,6 +27,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--object-store-mb", type=int, default=256)
     args = p.parse_args(argv)
 
+    # A new HTTP proxy gets 5 s to report ready by default; on a small, busy machine importing it takes longer.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     import ray
     from ray import serve
 
