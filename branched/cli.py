@@ -137,15 +137,21 @@ def _build_command(sub) -> None:
     g.add_argument("--mean", type=_floats, help="normalisation mean R,G,B (default: the dataset's)")
     g.add_argument("--std", type=_floats, help="normalisation std R,G,B (default: the dataset's)")
     g.add_argument("--split-seed", type=int, default=0, help="seed of the train/calib/test split (default 0)")
-    g.add_argument("--limit-train", type=int, help="use only the first N training images (quick builds)")
-    g.add_argument("--limit-calib", type=int, help="use only the first N calibration images")
-    g.add_argument("--limit-test", type=int, help="use only the first N test images")
+    g.add_argument("--calib-fraction", type=float, help="share of the non-test images held out for calibration "
+                   "(default 0.1 beside an official test set, else 0.25); more certifies closer to the empirical point")
+    g.add_argument("--limit-train", type=int, help="use only N training images, drawn at random (seeded; quick builds)")
+    g.add_argument("--limit-calib", type=int, help="use only N calibration images, drawn at random (seeded)")
+    g.add_argument("--limit-test", type=int, help="use only N test images, drawn at random (seeded)")
     g = p.add_argument_group("exits")
-    g.add_argument("--exits", help="number of exits placed by FLOPs, or comma-separated block names (default 3)")
+    g.add_argument("--exits", help="number of exits placed by FLOPs, comma-separated block names, or all (one "
+                   "after every block but the last; calibration switches off those that do not pay; default 3)")
     g.add_argument("--spacing", default="even", choices=["even", "pareto"], help="exit placement by FLOPs")
-    g.add_argument("--exit-kind", default="conv", choices=["conv", "linear"])
+    g.add_argument("--exit-kind", default="conv", choices=["conv", "linear", "sdn"],
+                   help="conv: PTEENet conv branch; linear: global pool + classifier; sdn: SDN mixed pooling to cells")
     g.add_argument("--exit-depth", type=int, default=2, help="conv layers in a conv exit (default 2)")
     g.add_argument("--exit-stride", type=int, default=2, help="stride of an exit's first conv (default 2)")
+    g.add_argument("--exit-cells", type=int, default=4, help="side of an sdn exit's pooled map (default 4)")
+    g.add_argument("--exit-hidden", type=int, default=0, help="hidden width of an sdn exit (default 0: none)")
     g.add_argument("--policy", default="auto", choices=["auto", "confidence", "max_softmax", "entropy"],
                    help="exit policy; auto picks the best on the path part of the calibration split")
     g = p.add_argument_group("training (defaults from the dataset's recipe)")
@@ -155,8 +161,9 @@ def _build_command(sub) -> None:
     g.add_argument("--augment", choices=["none", "crop", "crop_flip"], help="backbone training augmentation")
     g.add_argument("--exit-epochs", type=int, help="exit post-training epochs")
     g.add_argument("--exit-lr", type=float, help="exit peak learning rate (AdamW, one-cycle)")
-    g.add_argument("--objective", default="pteenet", choices=["pteenet", "ce"],
-                   help="exit loss: PTEENet/EENets confidence-weighted mixture + cost, or per-exit CE")
+    g.add_argument("--objective", default="pteenet", choices=["pteenet", "ce", "kd"],
+                   help="exit loss: PTEENet/EENets confidence-weighted mixture + cost, per-exit CE, or knowledge "
+                        "distillation from the backbone (kd, with --distill 1 --temperature 2)")
     g.add_argument("--cost-weight", type=float, default=0.5, help="lambda of the expected-cost term (pteenet)")
     g.add_argument("--ce-weight", type=float, default=0.5, help="added per-exit cross-entropy (pteenet)")
     g.add_argument("--distill", type=float, default=0.0, help="share of the backbone's soft predictions in the target")
@@ -174,6 +181,13 @@ def _build_command(sub) -> None:
     g.add_argument("--select", default="ltt", choices=["ltt", "empirical"],
                    help="ship the cheapest certified point (ltt) or the cheapest within budget on calibration data")
     g.add_argument("--path-fraction", type=float, default=0.3, help="calibration share that orders the sweep")
+    g.add_argument("--guarantee", default="ltt", choices=["ltt", "crc"],
+                   help="ltt: with probability >= 1 - delta the drop is <= --max-drop (Learn-then-Test); crc: the "
+                        "expected drop is <= --max-drop (conformal risk control: closer to the empirical point, an "
+                        "average, not a high-probability bound)")
+    g.add_argument("--keep-off-exits", action="store_true",
+                   help="keep exits that calibration switches off (they cost nothing at run time; per-request "
+                        "thresholds can switch them on) instead of leaving them out of the model")
     g = p.add_argument_group("LC-Net gates")
     g.add_argument("--dynamic", choices=["layer", "channel", "both"], help="add LC-Net gates before the exits")
     g.add_argument("--target-cost", type=float, default=0.5, help="gates' FLOPs budget (fraction of the backbone)")
@@ -188,8 +202,9 @@ def _build_command(sub) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import pipeline
+    from .build.settings import BuildSettings
 
-    settings = pipeline.BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(pipeline.BuildSettings)})
+    settings = BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)})
     report = pipeline.run_build(settings)
     if not args.quiet:
         pipeline.print_summary(args.out, report)

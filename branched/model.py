@@ -8,8 +8,7 @@ Serve one stage per deployment), so routing exists once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,9 +18,10 @@ from .config import ModelConfig
 from .cost import CostTable, eval_mode, measure_cost
 from .exits import BackboneHeadExit, ExitBranch, ExitOutput
 from .lcnet import apply_gates
+from .outputs import RoutedOutput, StepResult
 from .routing import Thresholds, exit_score, resolve_thresholds
 
-__all__ = ["Segment", "StepResult", "RoutedOutput", "BranchedModel"]
+__all__ = ["Segment", "BranchedModel"]
 
 
 class Segment(nn.Module):
@@ -65,82 +65,6 @@ class Segment(nn.Module):
         return x, flops
 
 
-@dataclass
-class StepResult:
-    """One stage's work on a batch of ``B_k`` samples, split into exited and surviving samples.
-
-    Indices are positions in the batch that was given to :meth:`BranchedModel.step`.
-
-    Attributes:
-        exited: indices ``[E]`` of the samples that leave at this exit.
-        logits: their class logits ``[E, C]``.
-        score: their exit scores ``[E]``.
-        exited_flops: FLOPs each of them has cost in total ``[E]``.
-        survivors: indices ``[S]`` of the samples that go on.
-        features: the survivors' features ``[S, ...]``, the next segment's input.
-        survivor_flops: FLOPs each survivor has cost so far ``[S]``.
-    """
-
-    exited: torch.Tensor
-    logits: torch.Tensor
-    score: torch.Tensor
-    exited_flops: torch.Tensor
-    survivors: torch.Tensor
-    features: torch.Tensor
-    survivor_flops: torch.Tensor
-
-    def answers(self, k: int, class_names: Sequence[str], backbone_flops: float) -> list[dict[str, Any]]:
-        """The JSON-ready answers of the samples that exited at this stage ``k``, in ``exited`` order."""
-        if not self.exited.numel():
-            return []
-        exit_index = torch.full((self.exited.numel(),), k, dtype=torch.long)
-        return RoutedOutput(self.logits.cpu(), exit_index, self.score.cpu(), self.exited_flops.cpu(),
-                            backbone_flops).answers(class_names)
-
-
-@dataclass
-class RoutedOutput:
-    """Per-sample results of a routed forward, in input order.
-
-    Attributes:
-        logits: ``[B, C]`` logits of the exit each sample took.
-        exit_index: ``[B]`` 0-based exit (last = backbone head).
-        score: ``[B]`` exit score under the policy used.
-        flops: ``[B]`` FLOPs spent on each sample.
-        backbone_flops: FLOPs of the plain backbone, the unit of ``cost_fraction``.
-    """
-
-    logits: torch.Tensor
-    exit_index: torch.Tensor
-    score: torch.Tensor
-    flops: torch.Tensor
-    backbone_flops: float
-
-    @property
-    def probabilities(self) -> torch.Tensor:
-        return torch.softmax(self.logits.float(), dim=1)
-
-    @property
-    def class_index(self) -> torch.Tensor:
-        return self.logits.argmax(dim=1)
-
-    @property
-    def confidence(self) -> torch.Tensor:
-        """Probability of the predicted class."""
-        return self.probabilities.amax(dim=1)
-
-    @property
-    def cost_fraction(self) -> torch.Tensor:
-        return self.flops / self.backbone_flops
-
-    def answers(self, class_names: Sequence[str]) -> list[dict[str, Any]]:
-        """One JSON-ready answer per sample: the contract both servers return."""
-        rows = zip(self.class_index.tolist(), self.confidence.tolist(), self.exit_index.tolist(),
-                   self.cost_fraction.tolist(), self.score.tolist())
-        return [{"class_index": c, "label": class_names[c], "confidence": p, "exit": e,
-                 "cost_fraction": f, "exit_score": s} for c, p, e, f, s in rows]
-
-
 class BranchedModel(nn.Module):
     """Backbone segments with an exit after each; the last exit is the backbone head.
 
@@ -164,7 +88,8 @@ class BranchedModel(nn.Module):
         self.segments = nn.ModuleList(Segment(backbone.blocks[a:b]) for a, b in zip(bounds, bounds[1:]))
         widths = self._attachment_widths(backbone, cuts)
         self.exits = nn.ModuleList(
-            [ExitBranch(w, config.num_classes, spec.kind, spec.depth, spec.stride) for w, spec in zip(widths, config.exits)]
+            [ExitBranch(w, config.num_classes, spec.kind, spec.depth, spec.stride, spec.cells, spec.hidden)
+             for w, spec in zip(widths, config.exits)]
             + [BackboneHeadExit(backbone.head)])
         self.backbone_frozen = False
         self.memory_format = torch.contiguous_format
@@ -296,26 +221,31 @@ class BranchedModel(nn.Module):
             flops: FLOPs already spent on each sample (zeros for ``k == 0``).
 
         Returns:
-            :class:`StepResult`. The last stage lets every sample exit.
+            :class:`StepResult`. The last stage lets every sample exit. A side exit whose threshold is
+            ``inf`` for every sample of the batch is off: its head is not computed and not charged.
         """
         policy = policy or self.config.policy
         if k == 0:
             features = features.contiguous(memory_format=self.memory_format)
         h, seg_flops = self.segments[k].forward_with_cost(features)
-        spent = seg_flops + self.exit_flops[k] if flops is None else flops + seg_flops + self.exit_flops[k]
+        spent = seg_flops if flops is None else flops + seg_flops
+        n = h.shape[0]
+        everyone = torch.arange(n, device=h.device)
+        last = k == self.num_exits - 1
+        threshold = None if last else (thresholds[:, k] if thresholds.dim() == 2 else thresholds[k])
+        if threshold is not None and bool(torch.isposinf(threshold).all()):
+            # The exit is off for the whole batch: its head is never run and costs nothing.
+            empty = h.new_empty(0)
+            return StepResult(everyone[:0], h.new_empty(0, self.config.num_classes), empty, spent[:0], everyone, h,
+                              spent)
+        spent = spent + self.exit_flops[k]
         out = self.exits[k](h)
         score = exit_score(out, policy)
-        n = h.shape[0]
-        if k == self.num_exits - 1:
-            leave = torch.ones(n, dtype=torch.bool, device=h.device)
-        else:
-            leave = score >= (thresholds[:, k] if thresholds.dim() == 2 else thresholds[k])
+        leave = torch.ones(n, dtype=torch.bool, device=h.device) if last else score >= threshold
         n_exit = int(leave.sum())
         if n_exit == n:  # nothing to compact
-            everyone = torch.arange(n, device=h.device)
             return StepResult(everyone, out.logits, score, spent, everyone[:0], h[:0], spent[:0])
         if n_exit == 0:
-            everyone = torch.arange(n, device=h.device)
             return StepResult(everyone[:0], out.logits[:0], score[:0], spent[:0], everyone, h, spent)
         exited = leave.nonzero().squeeze(1)
         survivors = (~leave).nonzero().squeeze(1)
@@ -366,13 +296,37 @@ class BranchedModel(nn.Module):
 
     def without_exits(self) -> "BranchedModel":
         """The plain backbone as a one-stage branched model sharing these weights (the baseline)."""
-        cost = CostTable([[f for seg in self.cost.block_flops for f in seg]], [self.cost.exit_flops[-1]])
-        config = ModelConfig(**{**self.config.to_dict(), "exits": [], "thresholds": [], "cost": cost.to_dict(),
-                                "dynamic": None})
-        blocks = [(name, getattr(block, "ungated", block))  # LC-Net gates off: the plain backbone
+        return self._regrouped([], plain=True).eval()
+
+    def with_exits(self, keep: Sequence[int]) -> "BranchedModel":
+        """A model with only the side exits ``keep`` (indices), sharing these weights and LC-Net gates.
+
+        The segments between kept exits are joined, so a dropped exit leaves no stage behind. The
+        config's thresholds follow the kept exits; ``meta`` is copied as it is (a calibration curve
+        stored there still names every exit: rewrite it, as the build does).
+        """
+        return self._regrouped(sorted(set(keep)), plain=False).train(self.training)
+
+    def _regrouped(self, keep: list[int], plain: bool) -> "BranchedModel":
+        side = self.num_exits - 1
+        if any(not 0 <= k < side for k in keep):
+            raise ValueError(f"side exits are 0..{side - 1}; cannot keep {keep}")
+        ends = [*keep, side]  # each new segment ends at a kept exit (the last at the backbone head)
+        starts = [0, *(e + 1 for e in ends[:-1])]
+        cost = CostTable([[f for seg in self.cost.block_flops[a:b + 1] for f in seg] for a, b in zip(starts, ends)],
+                         [self.cost.exit_flops[e] for e in ends])
+        config = ModelConfig(**{**self.config.to_dict(), "exits": [self.config.exits[k] for k in keep],
+                                "thresholds": [self.config.thresholds[k] for k in keep], "cost": cost.to_dict(),
+                                **({"dynamic": None} if plain else {})})
+        # The same module objects, so no copy of the weights; the plain backbone runs the ungated blocks.
+        blocks = [(name, getattr(block, "ungated", block) if plain else block)
                   for seg in self.segments for name, block in zip(seg.names, seg.blocks)]
-        # The same module objects, so no copy of the weights.
         holder = nn.ModuleList(b for _, b in blocks)
         backbone = Backbone(config.backbone, blocks, self.exits[-1].head, config.num_classes,
                             config.input_size, holder)
-        return BranchedModel(config, backbone).eval()
+        model = BranchedModel(config, backbone)
+        for i, k in enumerate(keep):
+            model.exits[i] = self.exits[k]  # the trained exit itself, not a fresh one
+        model.backbone_frozen = self.backbone_frozen
+        model.memory_format = self.memory_format
+        return model

@@ -77,8 +77,9 @@ def run_command(args: argparse.Namespace, what: str, run: Callable[[str], dict],
 
 
 def write_pool(out_dir: str, dataset: str, size: int, root: Optional[str] = None, seed: int = 0) -> str:
-    """Write the first ``size`` test-split images as PNG files plus ``labels.json``; returns ``out_dir``."""
-    data = load_split(dataset, "test", root=root, seed=seed)
+    """Write ``size`` test-split images (a seeded random sample, so the class mix is the split's) as PNG files
+    plus ``labels.json``; returns ``out_dir``."""
+    data = load_split(dataset, "test", root=root, seed=seed).sample(size, seed)
     os.makedirs(out_dir, exist_ok=True)
     labels = {}
     for i in range(min(size, len(data))):

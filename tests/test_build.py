@@ -178,8 +178,9 @@ def test_tiny_build_curve_and_csv_agree(tiny_build):
         rows = list(csv.DictReader(f))
     assert [r["chosen"] for r in rows].count("1") == 1
     chosen = next(r for r in rows if r["chosen"] == "1")
-    thr = [float(chosen[f"threshold_{k}"]) for k in range(model.num_exits - 1)]
-    assert thr == pytest.approx(model.config.thresholds, rel=1e-5)
+    thr = [float(v) for k, v in sorted(chosen.items()) if k.startswith("threshold_")]
+    # Exits the chosen point switches off are left out of the model; the others keep their thresholds.
+    assert [t for t in thr if not math.isinf(t)] == pytest.approx(model.config.thresholds, rel=1e-5)
     assert float(rows[0]["calib_risk"]) == 0.0  # first row: every exit off
 
 
@@ -190,6 +191,26 @@ def test_evaluate_reads_what_build_wrote(tiny_build, capsys):
     report = json.loads((tiny_build / "build_report.json").read_text())
     # evaluate uses the whole test split; the build measured the first 200 of the same split.
     assert result["samples"] == 1000 and result["thresholds"] == pytest.approx(report["calibration"]["thresholds"])
+
+
+def test_exits_switched_off_are_left_out_and_cost_exactly_the_backbone(tiny_build, tmp_path, capsys):
+    """A budget nothing can meet: every exit off, a model without exits (cost 1.000), and the build says
+    what the budget would need."""
+    out = tmp_path / "strict"
+    os.makedirs(out / "checkpoints")
+    for f in ("backbone.pt", "backbone.pt.json"):
+        (out / "checkpoints" / f).write_bytes((tiny_build / "checkpoints" / f).read_bytes())
+    code, stdout, _ = run_cli(capsys, "build", "--out", str(out), "--resume", "--max-drop", "0.001",
+                              *[a for a in TINY if a != "--quiet"])
+    assert code == 0 and "backbone_only" in stdout and "left out of the model" in stdout
+    model = load_model(str(out))
+    cal = model.config.meta["calibration"]
+    assert model.num_exits == 1 and model.config.thresholds == [] and len(cal["dropped_exits"]) == 2
+    assert cal["test"]["cost_fraction"] == 1.0 and cal["exit_rates"] == [1.0]
+    assert "The cheapest point within it on the calibration data" in cal["message"] or \
+        "No early-exit point stays within the budget" in cal["message"]
+    code, result, _ = run_cli(capsys, "evaluate", str(out), "--json")
+    assert code == 0 and json.loads(result)["cost_fraction"] == 1.0
 
 
 def test_resume_reuses_the_backbone_and_an_unreachable_budget_is_said(tiny_build, tmp_path, capsys):

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from branched.backbones import build_backbone
-from branched.build.calibrate import ExitRecords, calibrate, collect_records, threshold_path
-from branched.build.guarantee import binomial_cdf, binomial_upper_bound, ltt_certify, p_value
+from branched.build.calibrate import calibrate, threshold_path
+from branched.build.records import ExitRecords, collect_records
+from branched.build.guarantee import (binomial_cdf, binomial_upper_bound, crc_last_valid, ltt_certify, p_value,
+                                      samples_needed)
 from branched.build.placement import place_exits
 from branched.config import ModelConfig
 from branched.model import BranchedModel
@@ -161,4 +163,45 @@ def test_records_reproduce_the_routed_forward():
     assert len(set(exits.tolist())) > 1
     assert exits.tolist() == out.exit_index.tolist()
     assert rec.preds[np.arange(40), exits].tolist() == out.class_index.tolist()
-    np.testing.assert_allclose(rec.costs[np.arange(40), exits], out.cost_fraction.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rec.sample_costs(exits, thr), out.cost_fraction.numpy(), rtol=1e-12)
+
+
+def test_an_exit_whose_head_never_pays_stays_off_and_costs_nothing():
+    """Heads are charged only when their exit is on; switching an exit on must save cost."""
+    rec = synthetic(3000, 3)
+    useless = ExitRecords(rec.scores.copy(), rec.preds, COSTS[None, :].repeat(len(rec), 0) - [0.0, 0.05, 0.1],
+                          rec.labels, head_costs=np.array([0.0, 0.9, 0.05]))  # exit 1's head costs more than it saves
+    useless.scores[:, 1] = 0.0  # and it never is sure of anything
+    path = threshold_path(useless, levels=20)
+    assert all(math.isinf(t[1]) for t in path), "an exit that cannot pay for its head is never switched on"
+    costs = [useless.point(t)["cost_fraction"] for t in path]
+    assert all(b <= a + 1e-12 for a, b in zip(costs, costs[1:]))
+    assert useless.point([math.inf, math.inf])["cost_fraction"] == pytest.approx(1.0)  # all off: no head paid
+
+
+def test_conformal_risk_control_certifies_in_expectation_and_closer_to_the_empirical_point():
+    rec = synthetic(4000, 4)
+    ltt = calibrate(rec, max_drop=0.02, delta=0.1)
+    crc = calibrate(rec, max_drop=0.02, guarantee="crc")
+    assert crc.report["guarantee"]["kind"] == "crc" and "in expectation" in crc.report["guarantee"]["statement"]
+    assert crc.report["cost_fraction"] <= ltt.report["cost_fraction"] + 1e-12
+    n = crc.report["guarantee"]["certify_samples"]
+    assert crc.report["guarantee"]["adjusted_risk"] <= 0.02
+    # The rule itself, on a hand-made family: monotone envelope, then n/(n+1) mean + 1/(n+1) <= epsilon.
+    losses = np.zeros((99, 4))
+    losses[:2, 2] = 1  # two losses at setting 2; one of them goes away at setting 3 but the envelope keeps it
+    losses[0, 3] = 1
+    last, adjusted = crc_last_valid(losses, 0.025)
+    assert last == 1 and adjusted[2] == pytest.approx(99 / 100 * 2 / 99 + 1 / 100)
+    assert adjusted[3] == adjusted[2]
+    with pytest.raises(ValueError, match="accuracy budget"):
+        calibrate(rec, max_cost=0.5, guarantee="crc")
+    assert n > 0
+
+
+def test_samples_needed_is_where_the_test_starts_to_pass():
+    n = samples_needed(0.005, 0.01, 0.1)
+    assert n is not None and p_value(int(0.005 * n), n, 0.01) <= 0.1
+    assert p_value(int(0.005 * (n // 2)), n // 2, 0.01) > 0.1
+    assert samples_needed(0.012, 0.01, 0.1) is None  # above the budget: no amount of data certifies it
+    assert samples_needed(0.008, 0.01, 0.1) > n  # closer to the budget needs more

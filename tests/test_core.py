@@ -45,14 +45,24 @@ def test_batch_answers_equal_single_answers(family):
         assert alone.flops.item() == batch.flops[i].item()
 
 
-def test_unreachable_thresholds_give_the_backbone(family):
+def test_unreachable_thresholds_give_the_backbone_at_exactly_its_cost(family):
+    """Every exit off: the plain backbone's answers, no side head runs, cost exactly 1.000."""
     model, size = family
     x = torch.randn(5, 3, size, size)
-    out = model.routed_forward(x, [math.inf] * (model.num_exits - 1))
+    heads = []
+    hooks = [ex.register_forward_hook(lambda *a, k=k: heads.append(k)) for k, ex in enumerate(model.exits[:-1])]
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            out = model.routed_forward(x, [math.inf] * (model.num_exits - 1))
+    finally:
+        for h in hooks:
+            h.remove()
     assert (out.exit_index == model.num_exits - 1).all()
     torch.testing.assert_close(out.logits, model.backbone_forward(x))
-    expected = model.cost.exit_cost(model.num_exits - 1)
-    assert torch.allclose(out.flops, torch.full((5,), float(expected), dtype=torch.float64))
+    assert heads == [], "an exit that is off must not run its head"
+    assert torch.equal(out.cost_fraction, torch.ones(5, dtype=torch.float64))
+    assert counter.get_total_flops() == 5 * model.cost.backbone_flops
 
 
 def test_all_exit_at_zero_later_segments_do_no_work(family):
@@ -193,3 +203,21 @@ def test_per_sample_thresholds_route_each_sample_by_its_own_row():
         alone = model.routed_forward(x[i:i + 1], rows[i])
         assert alone.exit_index.item() == out.exit_index[i].item()
         torch.testing.assert_close(alone.logits[0], out.logits[i], rtol=1e-4, atol=1e-4)
+
+
+def test_dropping_exits_that_are_off_changes_no_answer_and_no_cost():
+    model = make_model("cifar_resnet20", 32, n_exits=3)
+    x = torch.randn(12, 3, 32, 32)
+    thr = median_thresholds(model, x)
+    off_middle = model.routed_forward(x, [thr[0], math.inf, thr[2]])
+    trimmed = model.with_exits([0, 2])
+    out = trimmed.routed_forward(x, [thr[0], thr[2]])
+    assert trimmed.num_exits == 3 and len(trimmed.segments) == 3
+    assert torch.equal(out.class_index, off_middle.class_index)
+    assert out.exit_index.tolist() == [{0: 0, 2: 1, 3: 2}[e] for e in off_middle.exit_index.tolist()]
+    assert torch.equal(out.flops, off_middle.flops)
+    assert trimmed.exits[0] is model.exits[0], "the trained exits are kept, not re-initialised"
+    plain = model.with_exits([])
+    torch.testing.assert_close(plain.routed_forward(x).logits, model.backbone_forward(x))
+    with pytest.raises(ValueError, match="side exits are 0..2"):
+        model.with_exits([3])

@@ -1,9 +1,8 @@
 """Per-exit thresholds for an accuracy or compute budget, with a distribution-free guarantee.
 
-Everything here works on :class:`ExitRecords`: every exit's prediction and score and the cost of
-leaving there, recorded once per sample. Routing under any thresholds is then a table look-up
-that reproduces :meth:`BranchedModel.routed_forward` exactly (same rule: leave at the first side
-exit whose score is ``>= threshold``).
+Everything here works on :class:`~branched.build.records.ExitRecords`: every exit's prediction and
+score and the cost of reaching it, recorded once per sample, so routing under any thresholds is a
+table look-up that reproduces :meth:`BranchedModel.routed_forward` exactly.
 
 The loss the guarantee controls is the **disagreement loss**
 ``L = 1[routed prediction wrong and backbone prediction right]``. Its mean ``R`` bounds the
@@ -29,129 +28,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
-import torch
 
-from ..routing import exit_score
-from .guarantee import FAMILIES, P_VALUES, binomial_upper_bound, ltt_certify, p_value
+from .guarantee import FAMILIES, binomial_upper_bound, crc_last_valid, ltt_certify, p_value, samples_needed
+from .records import ExitRecords
 
-__all__ = ["ExitRecords", "collect_records", "collect_records_by_policy", "split_calibration", "choose_policy",
-           "Calibration", "threshold_path", "calibrate"]
+__all__ = ["split_calibration", "choose_policy", "Calibration", "threshold_path", "calibrate", "GUARANTEES"]
 
-
-@dataclass
-class ExitRecords:
-    """What every exit says about every sample.
-
-    Attributes:
-        scores: ``[N, K-1]`` exit scores of the side exits under the routing policy.
-        preds: ``[N, K]`` predicted class at each exit (last = backbone head).
-        costs: ``[N, K]`` cost fraction of leaving at each exit (segments and heads so far / backbone FLOPs).
-        labels: ``[N]`` true classes.
-        reference: ``[N]`` the plain backbone's predictions, the baseline of "accuracy drop"
-            (None: the last exit's, as for any model without LC-Net gates).
-    """
-
-    scores: np.ndarray
-    preds: np.ndarray
-    costs: np.ndarray
-    labels: np.ndarray
-    reference: Optional[np.ndarray] = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @property
-    def num_exits(self) -> int:
-        return self.preds.shape[1]
-
-    @property
-    def backbone_correct(self) -> np.ndarray:
-        return (self.preds[:, -1] if self.reference is None else self.reference) == self.labels
-
-    @property
-    def last_exit_is_backbone(self) -> bool:
-        """True when leaving at the last exit gives exactly the backbone's answer (no gates)."""
-        return self.reference is None
-
-    def subset(self, index: np.ndarray) -> "ExitRecords":
-        ref = None if self.reference is None else self.reference[index]
-        return ExitRecords(self.scores[index], self.preds[index], self.costs[index], self.labels[index], ref)
-
-    def route(self, thresholds: Sequence[float]) -> np.ndarray:
-        """The exit each sample takes under ``thresholds`` (first side exit with score >= threshold)."""
-        t = np.asarray(thresholds, dtype=np.float64)
-        leave = np.concatenate([self.scores >= t[None, :], np.ones((len(self), 1), dtype=bool)], axis=1)
-        return leave.argmax(axis=1)
-
-    def point(self, thresholds: Sequence[float]) -> dict:
-        """Accuracy, backbone accuracy, drop, disagreement risk, cost fraction and exit rates."""
-        exits = self.route(thresholds)
-        rows = np.arange(len(self))
-        correct = self.preds[rows, exits] == self.labels
-        backbone = self.backbone_correct
-        n = max(len(self), 1)
-        return {
-            "thresholds": [float(v) for v in thresholds],
-            "cost_fraction": float(self.costs[rows, exits].mean()) if len(self) else 0.0,
-            "accuracy": float(correct.mean()) if len(self) else 0.0,
-            "backbone_accuracy": float(backbone.mean()) if len(self) else 0.0,
-            "drop": float(backbone.mean() - correct.mean()) if len(self) else 0.0,
-            "risk": float((~correct & backbone).sum() / n),
-            "errors": int((~correct & backbone).sum()),
-            "exit_rates": (np.bincount(exits, minlength=self.num_exits) / n).tolist(),
-        }
-
-
-@torch.no_grad()
-def collect_records_by_policy(model, x: torch.Tensor, y: torch.Tensor, policies: Sequence[str],
-                              batch_size: int = 256) -> dict[str, ExitRecords]:
-    """Run every stage of ``model`` on all of ``x`` once; record each exit's answer, cost and score
-    under each of ``policies`` (predictions and costs are shared).
-
-    Per-sample costs come from each segment's ``forward_with_cost`` (input-dependent for LC-Net
-    gated blocks) plus every exit head passed, as in :meth:`BranchedModel.step`. A gated model
-    also records the plain backbone's predictions as the reference.
-    """
-    model.eval()
-    gated = bool(model.config.dynamic)
-    scores: dict[str, list] = {p: [] for p in policies}
-    preds, costs, reference = [], [], []
-    exit_flops = torch.tensor(model.cost.exit_flops, dtype=torch.float64)
-    for i in range(0, len(x), batch_size):
-        h = x[i:i + batch_size]
-        spent = torch.zeros(len(h), dtype=torch.float64)
-        s_b: dict[str, list] = {p: [] for p in policies}
-        p_b, c_b = [], []
-        for k in range(model.num_exits):
-            h, f = model.segments[k].forward_with_cost(h)
-            spent = spent + f.to(torch.float64).cpu() + exit_flops[k]
-            out = model.exits[k](h)
-            p_b.append(out.logits.argmax(1))
-            c_b.append(spent.clone())
-            if k < model.num_exits - 1:
-                for p in policies:
-                    s_b[p].append(exit_score(out, p).double())
-        for p in policies:
-            scores[p].append(torch.stack(s_b[p], 1) if s_b[p] else torch.zeros(len(h), 0, dtype=torch.float64))
-        preds.append(torch.stack(p_b, 1))
-        costs.append(torch.stack(c_b, 1))
-        if gated:
-            reference.append(model.backbone_forward(x[i:i + batch_size]).argmax(1))
-    total = float(model.cost.backbone_flops)
-    shared = (torch.cat(preds).numpy(), torch.cat(costs).numpy() / total, y.numpy().copy(),
-              torch.cat(reference).numpy() if gated else None)
-    return {p: ExitRecords(torch.cat(scores[p]).numpy(), shared[0], shared[1], shared[2], shared[3])
-            for p in policies}
-
-
-def collect_records(model, x: torch.Tensor, y: torch.Tensor, policy: Optional[str] = None,
-                    batch_size: int = 256) -> ExitRecords:
-    """:func:`collect_records_by_policy` for one policy (the model's own by default)."""
-    policy = policy or model.config.policy
-    return collect_records_by_policy(model, x, y, [policy], batch_size)[policy]
+#: ``ltt``: with probability >= 1 - delta the drop is <= epsilon (Learn-then-Test); ``crc``: the expected
+#: drop is <= epsilon (conformal risk control), closer to the empirical point, a weaker promise.
+GUARANTEES = ("ltt", "crc")
 
 
 # ---------------------------------------------------------------- the threshold path
@@ -168,11 +56,13 @@ def _grid(scores: np.ndarray, levels: int) -> np.ndarray:
 
 
 def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
-    """A greedy path of threshold vectors from all-off (the backbone) to all-at-zero.
+    """A greedy path of threshold vectors from all-off (the backbone) towards the cheapest point.
 
-    Each step lowers one exit's threshold by one grid level, picking the exit with the least
-    added disagreement per unit of cost saved (free moves first); ties go to the larger saving.
-    Cost never rises along the path.
+    Each step moves one exit: an exit that is on lowers its threshold by one grid level; an exit that
+    is off may switch on at any level, because its head then costs every sample that passes it and
+    the first level alone rarely pays for that. The step taken adds the least disagreement per unit
+    of cost saved (free moves first; ties go to the larger saving); switching an exit on must save
+    cost. Cost never rises along the path, and an exit whose head never pays for itself stays off.
     """
     k1 = records.scores.shape[1]
     if k1 == 0:
@@ -183,27 +73,32 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
     backbone = records.backbone_correct
 
     def measure(lv: list[int]) -> tuple[float, float]:
-        exits = records.route([grids[k][lv[k]] for k in range(k1)])
+        thresholds = [grids[k][lv[k]] for k in range(k1)]
+        exits = records.route(thresholds)
         wrong = (records.preds[rows, exits] != records.labels) & backbone
-        return float(wrong.sum()), float(records.costs[rows, exits].sum())
+        return float(wrong.sum()), float(records.sample_costs(exits, thresholds).sum())
 
     path = [[float(grids[k][0]) for k in range(k1)]]
     risk, cost = measure(level)
-    while any(level[k] < len(grids[k]) - 1 for k in range(k1)):
+    while True:
         best = None
         for k in range(k1):
             if level[k] == len(grids[k]) - 1:
                 continue
-            lv = level.copy()
-            lv[k] += 1
-            r, c = measure(lv)
-            saved, added = cost - c, r - risk
-            key = (0, 0.0, -saved) if saved <= 1e-12 else (1, added / saved, -saved)
-            if best is None or key < best[0]:
-                best = (key, lv, r, c)
+            for target in (range(1, len(grids[k])) if level[k] == 0 else (level[k] + 1,)):
+                lv = level.copy()
+                lv[k] = target
+                r, c = measure(lv)
+                saved, added = cost - c, r - risk
+                if level[k] == 0 and saved <= 1e-12:
+                    continue  # switching an exit on must pay for its head
+                key = (0, 0.0, -saved) if saved <= 1e-12 else (1, added / saved, -saved)
+                if best is None or key < best[0]:
+                    best = (key, lv, r, c)
+        if best is None:
+            return path
         _, level, risk, cost = best
         path.append([float(grids[k][level[k]]) for k in range(k1)])
-    return path
 
 
 # ---------------------------------------------------------------- choosing an operating point
@@ -269,6 +164,25 @@ class Calibration:
     chosen: int
 
 
+def _what_would_certify(points: list[dict], cost: list[float], eps: float, delta: float, p_value_method: str,
+                        path_fraction: float, kind: str) -> str:
+    """What the requested budget would need: the empirical point, and the calibration size that would certify it."""
+    within = [j for j in range(1, len(points)) if points[j]["risk"] < eps]
+    if not within:
+        return "No early-exit point stays within the budget even on the calibration data: better exits are needed."
+    j = min(within, key=lambda i: cost[i])
+    p = points[j]
+    head = (f"The cheapest point within it on the calibration data costs {cost[j]:.3f} "
+            f"(drop {p['drop']:+.4f}, risk {p['risk']:.4f}).")
+    if kind == "crc":
+        return head + " Conformal risk control needs about 1 / (epsilon - risk) certify samples: calibrate on more data."
+    n = samples_needed(p["risk"], eps, delta, p_value_method)
+    if n is None:
+        return head + " No calibration size would certify it at this delta."
+    return head + (f" Certifying it at delta {delta:g} needs about {n} certify samples "
+                   f"({int(math.ceil(n / (1 - path_fraction)))} calibration images with path fraction {path_fraction:g}).")
+
+
 def _pareto_curve(points: list[dict], limit: int) -> list[dict]:
     """Points not beaten by a cheaper one, cheapest first, thinned evenly to at most ``limit``."""
     front, best = [], -1.0
@@ -285,7 +199,7 @@ def _pareto_curve(points: list[dict], limit: int) -> list[dict]:
 def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: Optional[float] = None,
               delta: float = 0.1, family: str = "fixed_sequence", p_value_method: str = "binomial",
               select: str = "ltt", path_fraction: float = 0.3, levels: int = 50, seed: int = 0,
-              curve_points: int = 64) -> Calibration:
+              curve_points: int = 64, guarantee: str = "ltt") -> Calibration:
     """Choose thresholds on calibration records for an accuracy budget or a compute budget.
 
     Args:
@@ -302,6 +216,8 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         levels: threshold grid levels per exit.
         seed: seeds the path/certify split.
         curve_points: most points kept in the stored trade-off curve.
+        guarantee: ``"ltt"`` (high probability, ``delta``) or ``"crc"`` (expected drop; ``max_drop``
+            only). See :data:`GUARANTEES`.
 
     Raises:
         ValueError: both budgets, out-of-range settings, or too few records.
@@ -320,6 +236,11 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         raise ValueError(f"select must be 'ltt' or 'empirical', got {select!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    if guarantee not in GUARANTEES:
+        raise ValueError(f"guarantee must be one of {', '.join(GUARANTEES)}, got {guarantee!r}")
+    if guarantee == "crc" and (max_cost is not None or select != "ltt"):
+        raise ValueError("--guarantee crc certifies an accuracy budget (--max-drop) and picks the point itself; "
+                         "drop --max-cost / --select empirical")
     path_index, certify_index = split_calibration(len(records), path_fraction, seed)
     n_path = len(path_index)
     path = threshold_path(records.subset(path_index), levels)
@@ -328,24 +249,34 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
     certify_points = [certify.point(t) for t in path]
     n_cert, m = len(certify), max(len(path) - (1 if records.last_exit_is_backbone else 0), 1)
     cost = [p["cost_fraction"] for p in calib_points]
-    guarantee = {"method": "Learn-then-Test", "loss": "1[routed wrong and backbone right] (its mean bounds "
-                 "the accuracy drop)", "p_value": p_value_method, "delta": delta, "certify_samples": n_cert,
+    kind = guarantee
+    guarantee = {"method": "Learn-then-Test", "kind": kind, "loss": "1[routed wrong and backbone right] (its mean "
+                 "bounds the accuracy drop)", "p_value": p_value_method, "delta": delta, "certify_samples": n_cert,
                  "path_samples": n_path, "tested_points": len(path) - 1}
 
     if max_drop is not None:
         eps = max_drop
         # Entry 0 (every exit off) is the backbone itself, risk 0 by construction, unless gates change it.
         first = 1 if records.last_exit_is_backbone else 0
-        p_values: list[Optional[float]] = [None] * first + [p_value(p["errors"], n_cert, eps, p_value_method)
-                                                            for p in certify_points[first:]]
-        certified = [True] * first + ltt_certify(p_values[first:], delta, family)
+        if kind == "crc":
+            last, adjusted = crc_last_valid(certify.losses(path), eps)
+            p_values = [None] * len(path)
+            certified = [j <= last for j in range(len(path))]
+            guarantee_info = {"method": "conformal risk control"}
+        else:
+            p_values = [None] * first + [p_value(p["errors"], n_cert, eps, p_value_method)
+                                         for p in certify_points[first:]]
+            certified = [True] * first + ltt_certify(p_values[first:], delta, family)
+            guarantee_info = {"family": family}
         if select == "ltt":
             candidates = [j for j in range(len(path)) if certified[j]] or [0]
         else:
             candidates = [j for j in range(len(path)) if calib_points[j]["drop"] <= eps] or [0]
         chosen = min(candidates, key=lambda j: (cost[j], -calib_points[j]["accuracy"]))
         bound = eps if select == "ltt" else binomial_upper_bound(certify_points[chosen]["errors"], n_cert, delta / m)
-        guarantee.update(family=family, epsilon=eps, certified_points=int(sum(certified[1:])))
+        if kind == "crc":
+            guarantee_info["adjusted_risk"] = adjusted[chosen]
+        guarantee.update(**guarantee_info, epsilon=eps, certified_points=int(sum(certified[1:])))
         budget = {"max_drop": eps}
         if not certified[chosen] and select == "ltt":
             bound = 1.0
@@ -354,9 +285,10 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
                        f"with confidence {1 - delta:g} on {n_cert} samples")
         elif chosen == 0:
             status, met = "backbone_only", True
-            message = (f"no early-exit point could be certified at drop <= {eps:g} with confidence {1 - delta:g} "
-                       f"on {n_cert} samples: every exit is off (the backbone's accuracy, no saving); "
-                       f"loosen --max-drop/--delta or calibrate on more data")
+            message = (f"no early-exit point could be certified at drop <= {eps:g} "
+                       f"{'in expectation' if kind == 'crc' else f'with confidence {1 - delta:g}'} on {n_cert} "
+                       f"samples: every exit is off (the backbone's accuracy, no saving). "
+                       + _what_would_certify(calib_points, cost, eps, delta, p_value_method, path_fraction, kind))
         else:
             status, met = "met", True
             message = f"cheapest {'certified' if select == 'ltt' else 'empirical'} point within drop {eps:g}"
@@ -377,8 +309,13 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         guarantee.update(family="bonferroni_simultaneous_bound")
 
     guarantee["drop_bound"] = bound
-    guarantee["statement"] = (f"with probability >= {1 - delta:g}, the accuracy drop against the backbone on new "
-                              f"data from the same distribution is <= {bound:.4f}")
+    if kind == "crc":
+        guarantee["statement"] = (f"in expectation (over new data and over the calibration data), the accuracy drop "
+                                  f"against the backbone on data from the same distribution is <= {bound:.4f} "
+                                  f"(conformal risk control: an average, not a high-probability bound)")
+    else:
+        guarantee["statement"] = (f"with probability >= {1 - delta:g}, the accuracy drop against the backbone on new "
+                                  f"data from the same distribution is <= {bound:.4f}")
     chosen_point = calib_points[chosen]
     report = {
         "budget": budget, "budget_met": met, "status": status, "message": message,

@@ -56,43 +56,48 @@ def load_dataset(name: str = DEFAULT_DATASET, root: Optional[str] = None) -> Ima
     return DATASETS[name](root)
 
 
-def split_indices(n: int, seed: int = 0, fractions: tuple[float, float, float] = (0.6, 0.2, 0.2),
-                  test_index: Optional[np.ndarray] = None, calib_fraction: float = 0.1) -> dict[str, np.ndarray]:
+def split_indices(n: int, seed: int = 0, test_index: Optional[np.ndarray] = None,
+                  calib_fraction: Optional[float] = None) -> dict[str, np.ndarray]:
     """Disjoint, seeded index sets for train / calib / test.
 
     Args:
         n: dataset size.
         seed: permutation seed; the same seed always gives the same splits.
-        fractions: train / calib / test shares when the dataset has no official test set.
-        test_index: an official test set; it is the test split as is, and ``calib_fraction`` of
-            the remaining indices (seeded) become the calibration split, the rest train.
-        calib_fraction: see ``test_index``.
+        test_index: an official test set; it is the test split as is. Without one, a seeded 20% of
+            the images is the test split.
+        calib_fraction: share of the other (non-test) images that becomes the calibration split, the
+            rest train. Default: 0.1 beside an official test set, else 0.25 (a 60/20/20 split).
     """
+    if calib_fraction is None:
+        calib_fraction = 0.1 if test_index is not None else 0.25
+    if not 0 < calib_fraction < 1:
+        raise UsageError(f"--calib-fraction must be in (0, 1), e.g. 0.2; got {calib_fraction}")
     if test_index is not None:
         test = np.asarray(test_index, dtype=np.int64)
         rest = np.setdiff1d(np.arange(n), test)
         rest = rest[np.random.default_rng(seed).permutation(len(rest))]
-        c = int(round(calib_fraction * len(rest)))
-        return {"train": rest[c:], "calib": rest[:c], "test": test}
-    perm = np.random.default_rng(seed).permutation(n)
-    a = int(round(fractions[0] * n))
-    b = a + int(round(fractions[1] * n))
-    return {"train": perm[:a], "calib": perm[a:b], "test": perm[b:]}
+    else:
+        perm = np.random.default_rng(seed).permutation(n)
+        b = int(round(0.8 * n))
+        rest, test = perm[:b], perm[b:]
+    c = int(round(calib_fraction * len(rest)))
+    return {"train": rest[c:], "calib": rest[:c], "test": test}
 
 
 def load_split(name: str = DEFAULT_DATASET, split: str = "test", root: Optional[str] = None,
-               seed: int = 0) -> ImageDataset:
-    """One split of a dataset; the same ``seed`` always gives the same disjoint splits."""
+               seed: int = 0, calib_fraction: Optional[float] = None) -> ImageDataset:
+    """One split of a dataset; the same ``seed`` and ``calib_fraction`` always give the same disjoint splits."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     data = load_dataset(name, root)
-    return data.subset(split_indices(len(data), seed, test_index=data.test_index)[split])
+    return data.subset(split_indices(len(data), seed, data.test_index, calib_fraction)[split])
 
 
-def load_splits(name: str = DEFAULT_DATASET, root: Optional[str] = None, seed: int = 0) -> dict[str, ImageDataset]:
+def load_splits(name: str = DEFAULT_DATASET, root: Optional[str] = None, seed: int = 0,
+                calib_fraction: Optional[float] = None) -> dict[str, ImageDataset]:
     """All three splits at once (the dataset is read once); the same as three :func:`load_split` calls."""
     data = load_dataset(name, root)
-    index = split_indices(len(data), seed, test_index=data.test_index)
+    index = split_indices(len(data), seed, data.test_index, calib_fraction)
     return {split: data.subset(index[split]) for split in SPLITS}
 
 
@@ -111,5 +116,6 @@ def split_tensors(config: ModelConfig, split: str = "test", dataset: Optional[st
     name = dataset or config.meta.get("dataset")
     if not name:
         raise UsageError("the model does not record its dataset; pass --dataset NAME")
-    data = load_split(name, split, root=root or config.meta.get("data_root"), seed=int(config.meta.get("split_seed", 0)))
+    data = load_split(name, split, root=root or config.meta.get("data_root"), seed=int(config.meta.get("split_seed", 0)),
+                      calib_fraction=config.meta.get("calib_fraction"))
     return data.tensors(Preprocessor.for_config(config), progress=progress)

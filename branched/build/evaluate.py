@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from ..model import BranchedModel, RoutedOutput
+from ..model import BranchedModel
+from ..outputs import RoutedOutput
 from ..routing import Thresholds, resolve_thresholds
 
 __all__ = ["predict", "evaluate", "bench"]

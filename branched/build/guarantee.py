@@ -1,16 +1,26 @@
-"""The distribution-free part of calibration: p-values for a Bernoulli risk and Learn-then-Test.
+"""The distribution-free part of calibration: p-values for a Bernoulli risk, Learn-then-Test, and
+conformal risk control.
 
 Learn-then-Test (Angelopoulos, Bates, Candes, Jordan, Lei 2021) turns risk control into multiple
 testing: for each candidate setting ``j``, test ``H_j: risk_j > epsilon`` with a valid p-value on
 held-out data; any family-wise-error-controlling procedure at level ``delta`` then certifies a set
 of settings all of which have ``risk <= epsilon`` with probability >= 1 - delta.
+
+Conformal risk control (Angelopoulos, Bates, Fisch, Lei, Schuster 2022) bounds the *expected* risk
+instead: for losses in [0, 1] that do not decrease along an ordered family of settings, the last
+setting ``j`` with ``n / (n + 1) * mean_loss_j + 1 / (n + 1) <= epsilon`` has expected risk
+``<= epsilon`` (in expectation over the calibration data too). It needs no ``delta`` and certifies
+far closer to the empirical point, but it promises an average, not a high-probability bound.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
-__all__ = ["FAMILIES", "P_VALUES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound"]
+import numpy as np
+
+__all__ = ["FAMILIES", "P_VALUES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound",
+           "samples_needed", "crc_last_valid"]
 
 FAMILIES = ("fixed_sequence", "bonferroni")
 P_VALUES = ("binomial", "hoeffding_bentkus")
@@ -91,3 +101,53 @@ def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if binomial_cdf(errors, n, mid) > delta else (lo, mid)
     return hi
+
+
+def samples_needed(risk: float, epsilon: float, delta: float, method: str = "binomial",
+                   limit: int = 10_000_000) -> Optional[int]:
+    """The fewest test samples at which an observed ``risk`` would be certified ``<= epsilon`` at ``delta``.
+
+    Returns None when no number of samples would do (``risk >= epsilon``) or more than ``limit`` are needed.
+    """
+    if risk >= epsilon:
+        return None
+
+    def passes(n: int) -> bool:
+        return p_value(int(math.floor(risk * n)), n, epsilon, method) <= delta
+
+    hi = 16
+    while not passes(hi):
+        hi *= 2
+        if hi > limit:
+            return None
+    lo = hi // 2
+    while lo + 1 < hi:  # p-values are not exactly monotone in n (integer errors); this finds one that passes
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return hi
+
+
+def crc_last_valid(losses: np.ndarray, epsilon: float) -> tuple[int, list[float]]:
+    """Conformal risk control along an ordered family of settings.
+
+    Args:
+        losses: ``[n, P]`` losses in [0, 1] of ``n`` held-out samples at each of ``P`` settings in the
+            order fixed beforehand (setting 0 is the safe one). They are made monotone first (a sample's
+            loss at ``j`` is its largest loss at any setting ``<= j``), which can only raise them, so the
+            guarantee holds for the original losses too.
+        epsilon: the expected risk allowed.
+
+    Returns:
+        The last setting whose adjusted risk ``n / (n + 1) * mean + 1 / (n + 1)`` is ``<= epsilon``
+        (-1 when not even setting 0 qualifies), and that adjusted risk for every setting.
+    """
+    n = losses.shape[0]
+    envelope = np.maximum.accumulate(np.asarray(losses, dtype=np.float64), axis=1)
+    adjusted = (n / (n + 1)) * envelope.mean(axis=0) + 1.0 / (n + 1)
+    valid = np.nonzero(adjusted <= epsilon)[0]
+    last = -1
+    for j in valid:  # a prefix: the envelope's mean never falls along the family
+        if j != last + 1:
+            break
+        last = int(j)
+    return last, adjusted.tolist()

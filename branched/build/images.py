@@ -55,6 +55,13 @@ class ImageDataset:
                   else [self.images[i] for i in index])
         return ImageDataset(self.name, images, self.labels[index], self.class_names, self.mean, self.std)
 
+    def sample(self, count: int, seed: int = 0) -> "ImageDataset":
+        """``count`` images drawn at random (seeded), so that a small subset keeps the class mix of the
+        whole (an official test set or an ImageFolder tree is stored class by class)."""
+        if count >= len(self):
+            return self
+        return self.subset(np.random.default_rng(seed).permutation(len(self))[:count])
+
     def tensors(self, preprocessor: Preprocessor, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one ``[N, 3, S, S]`` tensor (through ``preprocessor``) and labels ``[N]``."""
         it = range(len(self))

@@ -9,161 +9,34 @@ guarantee on the test split; write ``config.json`` + ``weights.pt``, the trade-o
 
 The Python API is :func:`run_build` with a :class:`BuildSettings`; ``branched build`` (argparse, in
 :mod:`branched.cli`) fills one from the command line. With neither ``backbone`` nor ``dataset`` it
-builds the demo default offline (:data:`DEMO`): ``cifar_resnet56`` on the bundled ``mnist5k`` at 16x16
+builds the demo default offline (:data:`~branched.build.settings.DEMO`): ``cifar_resnet56`` on the bundled ``mnist5k`` at 16x16
 input (the 28x28 digits stay legible and the build takes a quarter of the compute of 32x32), exits
 after each stage's first block. The deeper He et al. ResNet puts the first exit at 5% of the FLOPs,
 where most digits are already recognised, so the saving survives the overhead of a small network on a CPU.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
 
 from ..artifact import save_model
-from ..backbones import build_backbone, load_backbone_weights
+from ..backbones import build_backbone
 from ..config import ModelConfig
 from ..errors import UsageError
 from ..exits import ExitSpec
 from ..model import BranchedModel
 from ..preprocess import Preprocessor
-from ..routing import POLICIES
-from .calibrate import calibrate, choose_policy, collect_records, collect_records_by_policy
+from . import steps
 from .datasets import load_splits
-from .evaluate import evaluate
-from .lcnet_train import add_gates, train_gates
 from .placement import place_exits
+from .settings import LR_SCALE, RECIPES, BuildSettings, Recipe
 from .tradeoff import plot_tradeoff, write_tradeoff_csv
-from .train import ExitObjective, FitSettings, train_backbone, train_exits
+from .train import FitSettings
 
-__all__ = ["BuildSettings", "Recipe", "RECIPES", "run_build", "print_summary", "DEFAULT_BACKBONE",
-           "DEFAULT_DATASET", "DEMO"]
-
-DEFAULT_BACKBONE = "cifar_resnet56"
-DEFAULT_DATASET = "mnist5k"
-# What a build with neither backbone nor dataset named builds.
-DEMO = {"backbone": DEFAULT_BACKBONE, "dataset": DEFAULT_DATASET, "input_size": 16,
-        "exits": "layer1.0,layer2.0,layer3.0"}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Per-dataset training defaults (every field can be overridden in :class:`BuildSettings`)."""
-
-    epochs: int
-    lr: float
-    augment: str
-    exit_epochs: int
-    exit_lr: float = 0.01
-    batch_size: int = 128
-
-
-RECIPES: dict[str, Recipe] = {
-    # Bundled digits: 3,000 training images are learned in a few epochs without augmentation.
-    "mnist5k": Recipe(epochs=4, lr=0.1, augment="none", exit_epochs=15),
-    "cifar10": Recipe(epochs=30, lr=0.1, augment="crop_flip", exit_epochs=10),
-    "svhn": Recipe(epochs=15, lr=0.05, augment="crop", exit_epochs=8),
-    "imagefolder": Recipe(epochs=30, lr=0.05, augment="crop_flip", exit_epochs=10),
-}
-
-
-# Plain (non-residual) VGGs diverge at the ResNet learning rate on short one-cycle schedules.
-LR_SCALE = {"vgg": 0.2}
-
-
-@dataclass
-class BuildSettings:
-    """Everything a build needs; ``None`` means "the default" (the demo, or the dataset's :class:`Recipe`).
-
-    ``branched build --help`` describes each option; the field names are the options' names with
-    ``_`` for ``-``. Only ``out`` is required.
-    """
-
-    out: str
-    # backbone and data
-    backbone: Optional[str] = None
-    dataset: Optional[str] = None
-    data_root: Optional[str] = None
-    weights: Optional[str] = None
-    input_size: Optional[int] = None
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
-    split_seed: int = 0
-    limit_train: Optional[int] = None
-    limit_calib: Optional[int] = None
-    limit_test: Optional[int] = None
-    # exits
-    exits: Optional[str] = None
-    spacing: str = "even"
-    exit_kind: str = "conv"
-    exit_depth: int = 2
-    exit_stride: int = 2
-    policy: str = "auto"
-    # training (None: the dataset's recipe)
-    epochs: Optional[int] = None
-    lr: Optional[float] = None
-    batch_size: Optional[int] = None
-    augment: Optional[str] = None
-    exit_epochs: Optional[int] = None
-    exit_lr: Optional[float] = None
-    objective: str = "pteenet"
-    cost_weight: float = 0.5
-    ce_weight: float = 0.5
-    distill: float = 0.0
-    temperature: float = 1.0
-    precision: str = "fp32"
-    resume: bool = False
-    # calibration
-    max_drop: Optional[float] = None
-    max_cost: Optional[float] = None
-    delta: float = 0.1
-    family: str = "fixed_sequence"
-    p_value: str = "binomial"
-    select: str = "ltt"
-    path_fraction: float = 0.3
-    # LC-Net gates
-    dynamic: Optional[str] = None
-    target_cost: float = 0.5
-    gate_epochs: int = 10
-    # run
-    device: str = "cpu"
-    seed: int = 0
-    threads: Optional[int] = None
-    quiet: bool = False
-
-    def resolved(self) -> "BuildSettings":
-        """A copy with the defaults filled in (the demo when neither backbone nor dataset is named).
-
-        Raises:
-            UsageError: a setting that cannot work (with the fix in the message).
-        """
-        s = dataclasses.replace(self)
-        if s.backbone is None and s.dataset is None:
-            for key, value in DEMO.items():
-                if getattr(s, key) is None:
-                    setattr(s, key, value)
-        s.backbone = s.backbone or DEFAULT_BACKBONE
-        s.dataset = s.dataset or DEFAULT_DATASET
-        s.exits = s.exits or "3"
-        if s.device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-        elif s.device != "cpu":
-            raise UsageError(f"--device must be cpu or cuda, got {s.device!r}")
-        for name in ("limit_train", "limit_calib", "limit_test", "epochs", "exit_epochs", "batch_size", "input_size"):
-            value = getattr(s, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        if s.max_drop is not None and s.max_cost is not None:
-            raise UsageError("give at most one budget: --max-drop or --max-cost")
-        return s
-
+__all__ = ["run_build", "print_summary", "BuildSettings"]
 
 def print_summary(out: str, report: dict) -> None:
     """The build report in a few lines, as ``branched build`` prints it."""
@@ -171,6 +44,8 @@ def print_summary(out: str, report: dict) -> None:
     exits = ", ".join(e["after"] for e in report["exits"])
     print(f"built {out}: {report['backbone']} on {report['dataset']}, exits after {exits} ({report['exit_kind']})")
     print(f"  calibration ({cal['samples']}): {cal['status']} - {cal['message']}")
+    if report.get("dropped_exits"):
+        print(f"    exits switched off by calibration, left out of the model: {', '.join(report['dropped_exits'])}")
     thr = ", ".join(f"{t:.4f}" for t in cal["thresholds"])
     print(f"    thresholds [{thr}]  cost {cal['cost_fraction']:.3f}  accuracy {cal['accuracy']:.4f} "
           f"(backbone {cal['backbone_accuracy']:.4f})")
@@ -211,10 +86,10 @@ def run_build(settings: BuildSettings) -> dict:
 
     # ---- data
     t0 = time.perf_counter()
-    splits = load_splits(s.dataset, s.data_root, seed=s.split_seed)
+    splits = load_splits(s.dataset, s.data_root, seed=s.split_seed, calib_fraction=s.calib_fraction)
     for split, limit in (("train", s.limit_train), ("calib", s.limit_calib), ("test", s.limit_test)):
-        if limit is not None and limit < len(splits[split]):
-            splits[split] = splits[split].subset(np.arange(limit))
+        if limit is not None:
+            splits[split] = splits[split].sample(limit, s.split_seed)
     for split, data in splits.items():
         if len(data) == 0:
             raise ValueError(f"the {split} split of {s.dataset} is empty; give a larger dataset")
@@ -237,19 +112,22 @@ def run_build(settings: BuildSettings) -> dict:
                                batch_size=_recipe_value(s, "batch_size", recipe), lr=lr,
                                augment=_recipe_value(s, "augment", recipe), device=s.device, seed=s.seed,
                                progress=progress, precision=s.precision)
-    backbone, backbone_meta = _backbone(s, num_classes, (size, list(mean), list(std)), backbone_fit,
-                                        tensors["train"], progress)
+    backbone, backbone_meta = steps.backbone(s, num_classes, (size, list(mean), list(std)), backbone_fit,
+                                             tensors["train"], progress)
     seconds["backbone"] = time.perf_counter() - t0
 
-    # ---- exits (and optional LC-Net gates), on the frozen backbone
+    # ---- exits (and optional LC-Net gates), on the frozen backbone; calibration; the test split
     t0 = time.perf_counter()
-    if s.exits.strip().isdigit():
+    if s.exits.strip() == "all":  # one exit after every block but the last; calibration keeps the ones that pay
+        specs = [ExitSpec(n, s.exit_kind, s.exit_depth, s.exit_stride, s.exit_cells, s.exit_hidden)
+                 for n in backbone.block_names[:-1]]
+    elif s.exits.strip().isdigit():
         specs = place_exits(backbone, size, int(s.exits), s.spacing, s.exit_kind, s.exit_depth,
-                            s.exit_stride)
+                            s.exit_stride, s.exit_cells, s.exit_hidden)
     else:
-        specs = [ExitSpec(n.strip(), s.exit_kind, s.exit_depth, s.exit_stride)
+        specs = [ExitSpec(n.strip(), s.exit_kind, s.exit_depth, s.exit_stride, s.exit_cells, s.exit_hidden)
                  for n in s.exits.split(",") if n.strip()]
-    meta = {"dataset": s.dataset, "split_seed": s.split_seed,
+    meta = {"dataset": s.dataset, "split_seed": s.split_seed, "calib_fraction": s.calib_fraction,
             "limits": {"train": s.limit_train, "calib": s.limit_calib, "test": s.limit_test}}
     if s.data_root:
         meta["data_root"] = os.path.abspath(s.data_root)
@@ -260,43 +138,29 @@ def run_build(settings: BuildSettings) -> dict:
     torch.manual_seed(s.seed)
     model = BranchedModel(config, backbone).freeze_backbone()
     training = {"backbone": backbone_meta}
+    exit_fit = FitSettings(epochs=_recipe_value(s, "exit_epochs", recipe),
+                           batch_size=_recipe_value(s, "batch_size", recipe),
+                           lr=_recipe_value(s, "exit_lr", recipe), optimizer="adamw", weight_decay=1e-4,
+                           device=s.device, seed=s.seed, progress=progress)
     if s.dynamic:
-        model, training["gates"] = _gates(model, s, tensors["train"], progress)
-    seconds["gates"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    objective = ExitObjective(s.objective, s.cost_weight, s.ce_weight, s.distill, s.temperature)
-    exit_settings = FitSettings(epochs=_recipe_value(s, "exit_epochs", recipe),
-                                batch_size=_recipe_value(s, "batch_size", recipe),
-                                lr=_recipe_value(s, "exit_lr", recipe), optimizer="adamw", weight_decay=1e-4,
-                                device=s.device, seed=s.seed, progress=progress)
-    history = train_exits(model, *tensors["train"], exit_settings, objective) if specs else []
-    training["exits"] = {**exit_settings.to_dict(), **objective.to_dict(), "loss_history": history}
-    seconds["exits"] = time.perf_counter() - t0
+        gated, training["gates"] = steps.gates(model, s, tensors["train"], progress)
+        seconds["gates"] = time.perf_counter() - t0
+        outcome = steps.exits_and_calibration(gated, s, exit_fit, tensors, seconds)
+        speed = steps.measured_speedup(outcome.model, tensors["calib"][0])
+        training["gates"]["measured_speedup"] = speed
+        if speed < 1.0:
+            # Gated blocks slower than the plain ones on this machine: fall back to exits on the plain backbone.
+            if progress:
+                print(f"the gated model runs at {speed:.2f}x its backbone here (slower); building exits on the "
+                      f"plain backbone instead")
+            training["gates"]["fallback"] = f"measured {speed:.2f}x of the backbone: gates dropped"
+            outcome = steps.exits_and_calibration(model, s, exit_fit, tensors, seconds)
+    else:
+        outcome = steps.exits_and_calibration(model, s, exit_fit, tensors, seconds)
+    model, report_cal = outcome.model, outcome.calibration
+    training["exits"] = outcome.exit_training
 
-    # ---- calibrate on the calibration split; check the guarantee on the test split
-    t0 = time.perf_counter()
-    policies = list(POLICIES) if s.policy == "auto" else [s.policy]
-    by_policy = collect_records_by_policy(model, *tensors["calib"], policies)
-    policy, policy_scores = choose_policy(by_policy, s.max_drop, s.max_cost, s.path_fraction, s.seed)
-    cal = calibrate(by_policy[policy], max_drop=s.max_drop, max_cost=s.max_cost, delta=s.delta,
-                    family=s.family, p_value_method=s.p_value, select=s.select,
-                    path_fraction=s.path_fraction, seed=s.seed)
-    model.config.policy = policy
-    model.config.thresholds = list(cal.thresholds)
-    test_records = collect_records(model, *tensors["test"], policy=policy)
-    test_points = [test_records.point(t) for t in cal.path]
-    result = evaluate(model, *tensors["test"])  # the routed model itself, as `branched evaluate` runs it
-    bound = cal.report["guarantee"]["drop_bound"]
-    test = {**{k: result[k] for k in ("samples", "accuracy", "backbone_accuracy", "cost_fraction", "exit_rates",
-                                      "exit_accuracy")},
-            "drop": result["backbone_accuracy"] - result["accuracy"], "risk": test_points[cal.chosen]["risk"]}
-    test["guarantee_held"] = bool(test["drop"] <= bound + 1e-12)
-    test["routing_matches_records"] = abs(test_points[cal.chosen]["accuracy"] - result["accuracy"]) < 1e-6
-    seconds["calibration"] = time.perf_counter() - t0
-
-    report_cal = {**cal.report, "policy": policy, "test": test,
-                  "policy_selection": {"asked": s.policy, "scores": policy_scores,
-                                       "rule": "best threshold path on the path part of the calibration split"}}
+    report_cal["policy_selection"]["asked"] = s.policy
     model.config.meta["calibration"] = report_cal
     model.config.meta["training"] = training
     seconds["total"] = time.perf_counter() - t_start
@@ -304,58 +168,13 @@ def run_build(settings: BuildSettings) -> dict:
                                   "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     report = {"backbone": s.backbone, "dataset": s.dataset, "num_classes": num_classes,
               "input_size": size, "exit_kind": s.exit_kind,
-              "exits": [{"after": e.after, "kind": e.kind} for e in specs],
+              "exits": [{"after": e.after, "kind": e.kind} for e in model.config.exits],
+              "dropped_exits": report_cal.get("dropped_exits", []),
               "cost_fractions": model.cost.exit_cost_fractions(),
-              "calibration": {k: v for k, v in report_cal.items() if k != "curve"}, "test": test,
+              "calibration": {k: v for k, v in report_cal.items() if k != "curve"}, "test": report_cal["test"],
               "training": training, "seconds": seconds}
     save_model(model, s.out, extra_files={"build_report.json": report})
-    write_tradeoff_csv(os.path.join(s.out, "tradeoff.csv"), cal, test_points)
-    plot_tradeoff(os.path.join(s.out, "tradeoff.png"), cal, test_points,
-                  title=f"{s.backbone} on {s.dataset}: {len(specs)} exits, {policy} policy")
+    write_tradeoff_csv(os.path.join(s.out, "tradeoff.csv"), outcome.calibrated, outcome.test_points)
+    plot_tradeoff(os.path.join(s.out, "tradeoff.png"), outcome.calibrated, outcome.test_points,
+                  title=f"{s.backbone} on {s.dataset}: {len(specs)} exits, {report_cal['policy']} policy")
     return report
-
-
-def _backbone(s: BuildSettings, num_classes: int, inputs: tuple, settings: FitSettings, train_tensors,
-              progress: bool):
-    """The trained backbone and a record of where it came from.
-
-    A trained backbone is saved to ``OUT/checkpoints/backbone.pt`` with the settings it was trained
-    under; ``--resume`` reuses it when those settings match.
-    """
-    if s.weights:
-        return load_backbone_weights(s.backbone, num_classes, s.weights), {"source": "weights", "weights": s.weights}
-    ckpt_dir = os.path.join(s.out, "checkpoints")
-    ckpt = os.path.join(ckpt_dir, "backbone.pt")
-    key = {"backbone": s.backbone, "dataset": s.dataset, "data_root": s.data_root,
-           "split_seed": s.split_seed, "limit_train": s.limit_train, "inputs": list(inputs),
-           **settings.to_dict()}
-    key.pop("progress")
-    key_file = ckpt + ".json"
-    if s.resume and os.path.isfile(ckpt) and os.path.isfile(key_file):
-        with open(key_file) as f:
-            saved = json.load(f)
-        if saved.get("key") == key:
-            if progress:
-                print(f"resuming: backbone from {ckpt}")
-            backbone = load_backbone_weights(s.backbone, num_classes, ckpt)
-            return backbone, {"source": "trained", "resumed": True, **saved["record"]}
-        if progress:
-            print(f"not resuming: {ckpt} was trained with other settings")
-    torch.manual_seed(s.seed)
-    backbone = build_backbone(s.backbone, num_classes)
-    history = train_backbone(backbone, *train_tensors, settings)
-    record = {**settings.to_dict(), "loss_history": history}
-    record.pop("progress")
-    os.makedirs(ckpt_dir, exist_ok=True)
-    torch.save(backbone.state_dict(), ckpt)
-    with open(key_file, "w") as f:
-        json.dump({"key": key, "record": record}, f, indent=2)
-    return backbone, {"source": "trained", "resumed": False, **record}
-
-
-def _gates(model: BranchedModel, s: BuildSettings, train_tensors, progress: bool):
-    """LC-Net: gate the frozen backbone (:func:`add_gates`) and train the gates to ``target_cost``."""
-    gated = add_gates(model, s.dynamic, target_cost=s.target_cost).freeze_backbone()
-    report = train_gates(gated, *train_tensors, s.target_cost, epochs=s.gate_epochs, seed=s.seed,
-                         progress=progress)
-    return gated, report

@@ -14,7 +14,7 @@ __all__ = ["place_exits"]
 
 
 def place_exits(backbone: Backbone, input_size: int, count: int, spacing: str = "even",
-                kind: str = "conv", depth: int = 1, stride: int = 2) -> list[ExitSpec]:
+                kind: str = "conv", depth: int = 1, stride: int = 2, cells: int = 4, hidden: int = 0) -> list[ExitSpec]:
     """Choose ``count`` attachment blocks by share of backbone FLOPs.
 
     Args:
@@ -24,7 +24,7 @@ def place_exits(backbone: Backbone, input_size: int, count: int, spacing: str = 
         spacing: ``"even"`` puts exit ``i`` of ``n`` near ``i/(n+1)`` of the backbone's FLOPs;
             ``"pareto"`` front-loads them near ``(i/(n+1))**2`` (most inputs are easy, so early
             exits pay off most; our reading of PTEENet's Pareto-style placement).
-        kind, depth, stride: the exit branch (see :class:`branched.exits.ExitSpec`).
+        kind, depth, stride, cells, hidden: the exit branch (see :class:`branched.exits.ExitSpec`).
     """
     if spacing not in ("even", "pareto"):
         raise ValueError(f"spacing must be 'even' or 'pareto', got {spacing!r}")
@@ -46,4 +46,4 @@ def place_exits(backbone: Backbone, input_size: int, count: int, spacing: str = 
         if not candidates:
             break
         chosen.append(min(candidates, key=lambda j: abs(cumulative[j] - target)))
-    return [ExitSpec(backbone.block_names[j], kind, depth, stride) for j in chosen]
+    return [ExitSpec(backbone.block_names[j], kind, depth, stride, cells, hidden) for j in chosen]

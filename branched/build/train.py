@@ -22,6 +22,11 @@ Exit objectives (:func:`exit_loss`):
 
 Both accept distillation: the target becomes ``(1 - distill) * one_hot(y) + distill *
 softmax(backbone_logits / T)``, the frozen backbone's own predictions.
+
+* ``"kd"``: knowledge distillation per exit, ``distill * T^2 * CE(softmax(b / T), softmax(z / T)) +
+  (1 - distill) * CE(y, z)`` for exit logits ``z`` and backbone logits ``b``, with each confidence head fit
+  to whether its exit agrees with the backbone. The calibration loss counts disagreements with the backbone
+  where it is right, so exits that imitate it leave earlier at the same risk.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ from ..exits import ExitOutput
 __all__ = ["FitSettings", "augmentation", "fit", "train_backbone", "exit_loss", "EXIT_OBJECTIVES",
            "ExitObjective", "exit_features", "train_exits"]
 
-EXIT_OBJECTIVES = ("pteenet", "ce")
+EXIT_OBJECTIVES = ("pteenet", "ce", "kd")
 AUGMENTATIONS = ("none", "crop", "crop_flip")
 PRECISIONS = ("fp32", "bf16")
 
@@ -265,6 +270,21 @@ def exit_loss(outputs: Sequence[ExitOutput], y: torch.Tensor, costs: torch.Tenso
     """
     target = _soft_target(y, outputs[-1].logits, objective)
     side = outputs[:-1]
+    if objective.objective == "kd":
+        # Knowledge distillation from the frozen backbone (Hinton et al.): every exit learns the backbone's
+        # softened answer, T^2 keeping the gradient scale; the confidence head learns "do I agree with it".
+        t = objective.temperature
+        teacher = torch.softmax(outputs[-1].logits.detach() / t, 1)
+        answer = outputs[-1].logits.argmax(1)
+        one_hot = F.one_hot(y, teacher.shape[1]).to(teacher.dtype)
+        loss = outputs[-1].logits.new_zeros(())
+        for out in side:
+            soft = -(teacher * torch.log_softmax(out.logits / t, 1)).sum(1).mean() * t * t
+            hard = -(one_hot * torch.log_softmax(out.logits, 1)).sum(1).mean()
+            agree = (out.logits.argmax(1) == answer).to(out.confidence.dtype)
+            loss = loss + objective.distill * soft + (1 - objective.distill) * hard + F.binary_cross_entropy(
+                out.confidence.clamp(1e-6, 1 - 1e-6), agree)
+        return loss
     if objective.objective == "ce":
         loss = outputs[-1].logits.new_zeros(())
         for out in side:
@@ -288,11 +308,15 @@ def exit_loss(outputs: Sequence[ExitOutput], y: torch.Tensor, costs: torch.Tenso
 
 @torch.no_grad()
 def exit_features(model, x: torch.Tensor, batch_size: int = 256, device: str = "cpu",
-                  progress: bool = True) -> list[torch.Tensor]:
-    """The frozen backbone's features at every side exit and its logits, for all of ``x``.
+                  progress: bool = True, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """What each side exit's weighted part reads (``exit.reduce`` of the frozen backbone's features) and the
+    backbone's logits, for all of ``x``.
+
+    Args:
+        dtype: storage type of the side exits' inputs (bfloat16 halves the memory of a cache).
 
     Returns:
-        ``K`` tensors: the inputs of side exits ``0..K-2`` and the backbone logits ``[N, C]``.
+        ``K`` tensors: the reduced inputs of side exits ``0..K-2`` (in ``dtype``) and the backbone logits ``[N, C]``.
     """
     model.to(device).eval()
     parts: list[list[torch.Tensor]] = [[] for _ in range(model.num_exits)]
@@ -301,21 +325,23 @@ def exit_features(model, x: torch.Tensor, batch_size: int = 256, device: str = "
         h = x[i:i + batch_size].to(device)
         for k, seg in enumerate(model.segments):
             h = seg(h)
-            parts[k].append((h if k < model.num_exits - 1 else model.exits[k](h).logits).cpu())
+            last = k == model.num_exits - 1
+            parts[k].append((model.exits[k](h).logits if last else model.exits[k].reduce(h).to(dtype)).cpu())
     return [torch.cat(p) for p in parts]
 
 
-def _side_outputs(model, features: Sequence[torch.Tensor], teacher: torch.Tensor) -> list[ExitOutput]:
-    return [model.exits[k](f) for k, f in enumerate(features)] + [ExitOutput(teacher, None)]
+def _side_outputs(model, reduced: Sequence[torch.Tensor], teacher: torch.Tensor) -> list[ExitOutput]:
+    return [model.exits[k].head(f.float()) for k, f in enumerate(reduced)] + [ExitOutput(teacher, None)]
 
 
 def train_exits(model, x: torch.Tensor, y: torch.Tensor, settings: FitSettings,
                 objective: ExitObjective = ExitObjective(), cache_limit_gb: float = 2.0) -> list[float]:
     """Post-train the side exits of ``model`` on a frozen backbone (PTEENet).
 
-    When the backbone's features for all of ``x`` fit in ``cache_limit_gb`` (and no augmentation is
-    asked for), they are computed once and the exits train on them; otherwise the frozen segments
-    run under ``no_grad`` for every batch. The result is the same objective either way.
+    When what the exits read for all of ``x`` (their weightless ``reduce`` of the backbone's features: the
+    whole map, or an SDN head's small pooled maps) fits in ``cache_limit_gb`` (in float32, else in bfloat16;
+    and no augmentation is asked for), it is computed once and the exits train on it;
+    otherwise the frozen segments run under ``no_grad`` for every batch. The objective is the same either way.
 
     Args:
         model: a :class:`~branched.model.BranchedModel`; its backbone is frozen here.
@@ -331,12 +357,13 @@ def train_exits(model, x: torch.Tensor, y: torch.Tensor, settings: FitSettings,
     with torch.no_grad():
         probe = x[:1]
         sizes = []
-        for seg in model.eval().segments[:-1]:
+        for seg, ex in zip(model.eval().segments[:-1], model.exits[:-1]):
             probe = seg(probe)
-            sizes.append(probe[0].numel())
+            sizes.append(ex.reduce(probe)[0].numel())
     cache_bytes = 4 * len(x) * sum(sizes)
-    if settings.augment == "none" and cache_bytes <= cache_limit_gb * 2 ** 30:
-        feats = exit_features(model, x, device=settings.device, progress=settings.progress)
+    if settings.augment == "none" and cache_bytes <= 2 * cache_limit_gb * 2 ** 30:
+        dtype = torch.float32 if cache_bytes <= cache_limit_gb * 2 ** 30 else torch.bfloat16
+        feats = exit_features(model, x, device=settings.device, progress=settings.progress, dtype=dtype)
 
         def cached_loss(m, *batch: torch.Tensor) -> torch.Tensor:
             *side, teacher, yb = batch
@@ -348,9 +375,9 @@ def train_exits(model, x: torch.Tensor, y: torch.Tensor, settings: FitSettings,
             side = []
             with torch.no_grad():
                 h = xb
-                for seg in m.segments[:-1]:
+                for seg, ex in zip(m.segments[:-1], m.exits[:-1]):
                     h = seg(h)
-                    side.append(h)
+                    side.append(ex.reduce(h))
                 teacher = m.exits[-1](m.segments[-1](h)).logits
             return exit_loss(_side_outputs(m, side, teacher), yb, costs, objective)
 

@@ -35,7 +35,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from ..backbones import Backbone
-from .blocks import DEFAULT_HIDDEN, Gate, GateDecision, GatedBlock, ResidualBranch
+from .blocks import DEFAULT_HIDDEN, GatedBlock
 
 __all__ = ["MODES", "gate_settings", "apply_gates", "gated_blocks"]
 
