@@ -213,6 +213,52 @@ def test_exits_switched_off_are_left_out_and_cost_exactly_the_backbone(tiny_buil
     assert code == 0 and json.loads(result)["cost_fraction"] == 1.0
 
 
+def test_a_backbone_trained_on_another_split_is_refused_with_the_fix(tiny_build, tmp_path, capsys):
+    """Calibrating on images the backbone learned would void the guarantee: the build says which fraction to use."""
+    weights = tiny_build / "checkpoints" / "backbone.pt"
+    code, _, err = run_cli(capsys, "build", "--out", str(tmp_path / "x"), "--weights", str(weights),
+                           "--calib-fraction", "0.4", *TINY)
+    assert code == 2 and "pass no --calib-fraction" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gated_model_slower_than_its_backbone_falls_back_to_plain_exits(tiny_build, tmp_path, capsys, monkeypatch):
+    """LC-Net gates that do not pay on this machine: the build says so and ships exits on the plain backbone."""
+    from branched.build import steps
+
+    measured = []
+    monkeypatch.setattr(steps, "measured_speedup", lambda model, x, **kw: measured.append(model.config.dynamic) or 0.88)
+    out = tmp_path / "gated"
+    os.makedirs(out / "checkpoints")
+    for f in ("backbone.pt", "backbone.pt.json"):
+        (out / "checkpoints" / f).write_bytes((tiny_build / "checkpoints" / f).read_bytes())
+    code, stdout, _ = run_cli(capsys, "build", "--out", str(out), "--resume", "--dynamic", "layer", "--gate-epochs", "1",
+                              "--max-drop", "0.05", *[a for a in TINY if a != "--quiet"])
+    assert code == 0 and "runs at 0.88x its backbone here (slower)" in stdout
+    assert measured and measured[0]["mode"] == "layer", "the gated model is the one measured"
+    model = load_model(str(out))
+    gates = model.config.meta["training"]["gates"]
+    assert model.config.dynamic is None and gates["measured_speedup"] == 0.88 and "gates dropped" in gates["fallback"]
+
+
+def test_sdn_exits_after_every_block_build_and_serve(tiny_build, tmp_path, capsys):
+    out = tmp_path / "sdn"
+    os.makedirs(out / "checkpoints")
+    for f in ("backbone.pt", "backbone.pt.json"):
+        (out / "checkpoints" / f).write_bytes((tiny_build / "checkpoints" / f).read_bytes())
+    tiny = [a for a in TINY if a != "--quiet"]
+    tiny[tiny.index("--exits") + 1] = "all"
+    code, stdout, _ = run_cli(capsys, "build", "--out", str(out), "--resume", "--exit-kind", "sdn", "--exit-hidden", "16",
+                              "--objective", "kd", "--distill", "1", "--temperature", "2", "--max-drop", "0.05", *tiny)
+    assert code == 0, stdout
+    model = load_model(str(out))
+    cal = model.config.meta["calibration"]
+    kept = [e.after for e in model.config.exits]
+    assert len(kept) + len(cal.get("dropped_exits", [])) == 9  # cifar_resnet20: stem + 9 blocks, the last has none
+    assert all(e.kind == "sdn" for e in model.config.exits)
+    code, result, _ = run_cli(capsys, "evaluate", str(out), "--json")
+    assert code == 0 and 0 < json.loads(result)["cost_fraction"] < 1.01  # SDN heads cost well under 1% each
+
+
 def test_resume_reuses_the_backbone_and_an_unreachable_budget_is_said(tiny_build, tmp_path, capsys):
     out = tmp_path / "again"
     os.makedirs(out / "checkpoints")

@@ -221,3 +221,25 @@ def test_dropping_exits_that_are_off_changes_no_answer_and_no_cost():
     torch.testing.assert_close(plain.routed_forward(x).logits, model.backbone_forward(x))
     with pytest.raises(ValueError, match="side exits are 0..2"):
         model.with_exits([3])
+
+
+def test_sdn_exits_route_round_trip_and_cost_under_one_percent(tmp_path):
+    """SDN heads: mixed pooling to cells x cells, batch norm, a hidden layer; forward = head(reduce(x))."""
+    from branched.artifact import load_model, save_model
+
+    bb = build_backbone("cifar_resnet20", 10)
+    cfg = ModelConfig(backbone="cifar_resnet20", num_classes=10, input_size=32,
+                      exits=[ExitSpec(n, "sdn", cells=4, hidden=32) for n in ("layer1.2", "layer2.2")])
+    model = BranchedModel(cfg, bb).eval()
+    x = torch.randn(8, 3, 32, 32)
+    h = model.segments[0](x)
+    assert model.exits[0].reduce(h).shape == (8, 2, 16, 4, 4)
+    torch.testing.assert_close(model.exits[0](h).logits, model.exits[0].head(model.exits[0].reduce(h)).logits)
+    assert all(f < 0.01 * model.cost.backbone_flops for f in model.cost.exit_flops[:-1])
+    thr = median_thresholds(model, x)
+    out = model.routed_forward(x, thr)
+    save_model(model, str(tmp_path / "m"))
+    again = load_model(str(tmp_path / "m")).eval().routed_forward(x, thr)
+    assert torch.equal(again.exit_index, out.exit_index) and torch.equal(again.class_index, out.class_index)
+    served = load_model(str(tmp_path / "m")).optimize_for_inference()
+    assert torch.equal(served.routed_forward(x, thr).class_index, out.class_index)

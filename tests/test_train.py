@@ -50,6 +50,19 @@ def test_ce_objective_and_distillation_by_hand():
     assert loss.item() == pytest.approx(-(0.75 * math.log(0.625) + 0.25 * math.log(0.375)), rel=1e-6)
 
 
+def test_kd_objective_by_hand():
+    """T^2 x cross-entropy of the softened backbone answer, plus the head's "do I agree" term."""
+    outs = two_exits([0.0, 0.0], 0.5, [math.log(3.0), 0.0])  # exit: uniform; backbone: [.75, .25] at T = 1
+    loss = exit_loss(outs, torch.tensor([1]), COSTS, ExitObjective("kd", distill=1.0, temperature=1.0))
+    # CE([.75, .25], [.5, .5]) = log 2; the exit's argmax (0) agrees with the backbone's: BCE(.5, 1) = log 2.
+    assert loss.item() == pytest.approx(2 * math.log(2), rel=1e-6)
+    t = 2.0
+    teacher = torch.softmax(torch.tensor([math.log(3.0), 0.0]) / t, 0)
+    loss = exit_loss(outs, torch.tensor([1]), COSTS, ExitObjective("kd", distill=0.5, temperature=t))
+    soft = -(teacher * math.log(0.5)).sum().item() * t * t
+    assert loss.item() == pytest.approx(0.5 * soft + 0.5 * math.log(2) + math.log(2), rel=1e-6)
+
+
 def test_cost_term_pushes_confidence_up_when_exits_are_right():
     logits = torch.tensor([[4.0, 0.0]], requires_grad=False)
     h = torch.tensor([0.5], requires_grad=True)
@@ -84,21 +97,25 @@ def test_fit_learns_and_is_seeded():
     assert torch.equal(net.weight, again.weight)
 
 
-def test_train_exits_leaves_the_backbone_untouched_and_caching_changes_nothing():
+@pytest.mark.parametrize("kind", ["conv", "sdn"])
+def test_train_exits_leaves_the_backbone_untouched_and_caching_changes_nothing(kind):
+    """The cache holds what each exit's weighted part reads: the map, or an SDN head's two small pooled maps."""
     torch.manual_seed(0)
     x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
 
     def build():
         torch.manual_seed(0)
         bb = build_backbone("cifar_resnet20", 4)
-        cfg = ModelConfig(backbone="cifar_resnet20", num_classes=4, input_size=8, exits=place_exits(bb, 8, 2))
+        cfg = ModelConfig(backbone="cifar_resnet20", num_classes=4, input_size=8,
+                          exits=place_exits(bb, 8, 2, kind=kind, cells=2, hidden=8))
         return BranchedModel(cfg, bb)
 
     settings = FitSettings(epochs=2, batch_size=32, lr=0.01, optimizer="adamw", progress=False)
     cached, live = build(), build()
     before = {k: v.clone() for k, v in cached.segments.state_dict().items()}
-    hist = train_exits(cached, x, y, settings)
-    train_exits(live, x, y, settings, cache_limit_gb=0.0)  # features recomputed every batch
+    objective = ExitObjective("kd", distill=1.0, temperature=2.0) if kind == "sdn" else ExitObjective()
+    hist = train_exits(cached, x, y, settings, objective)
+    train_exits(live, x, y, settings, objective, cache_limit_gb=0.0)  # features recomputed every batch
     for k, v in cached.segments.state_dict().items():
         assert torch.equal(v, before[k]), f"backbone tensor {k} changed"
     assert len(hist) == 2 and all(math.isfinite(h) for h in hist)

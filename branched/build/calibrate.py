@@ -55,6 +55,12 @@ def _grid(scores: np.ndarray, levels: int) -> np.ndarray:
     return np.concatenate([[np.inf], mids[pick], [0.0]])
 
 
+def _switch_on_levels(n: int) -> list[int]:
+    """Grid levels at which an exit that is off may switch on: the first ten, then every fifth (dozens of exits
+    times every level at every step would make the sweep quadratic for nothing; later steps refine by one level)."""
+    return [*range(1, min(n, 11)), *range(11, n, 5)]
+
+
 def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
     """A greedy path of threshold vectors from all-off (the backbone) towards the cheapest point.
 
@@ -85,7 +91,7 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
         for k in range(k1):
             if level[k] == len(grids[k]) - 1:
                 continue
-            for target in (range(1, len(grids[k])) if level[k] == 0 else (level[k] + 1,)):
+            for target in (_switch_on_levels(len(grids[k])) if level[k] == 0 else (level[k] + 1,)):
                 lv = level.copy()
                 lv[k] = target
                 r, c = measure(lv)

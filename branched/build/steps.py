@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..backbones import build_backbone, load_backbone_weights
+from ..errors import UsageError
 from ..model import BranchedModel
 from ..routing import POLICIES
 from .calibrate import Calibration, calibrate, choose_policy
@@ -31,12 +32,13 @@ def backbone(s: BuildSettings, num_classes: int, inputs: tuple, settings: FitSet
     under; ``--resume`` reuses it when those settings match.
     """
     if s.weights:
+        _check_split_of_weights(s)
         return load_backbone_weights(s.backbone, num_classes, s.weights), {"source": "weights", "weights": s.weights}
     ckpt_dir = os.path.join(s.out, "checkpoints")
     ckpt = os.path.join(ckpt_dir, "backbone.pt")
     key = {"backbone": s.backbone, "dataset": s.dataset, "data_root": s.data_root,
-           "split_seed": s.split_seed, "limit_train": s.limit_train, "inputs": list(inputs),
-           **settings.to_dict()}
+           "split_seed": s.split_seed, "calib_fraction": s.calib_fraction, "limit_train": s.limit_train,
+           "inputs": list(inputs), **settings.to_dict()}
     key.pop("progress")
     key_file = ckpt + ".json"
     if s.resume and os.path.isfile(ckpt) and os.path.isfile(key_file):
@@ -59,6 +61,29 @@ def backbone(s: BuildSettings, num_classes: int, inputs: tuple, settings: FitSet
     with open(key_file, "w") as f:
         json.dump({"key": key, "record": record}, f, indent=2)
     return backbone, {"source": "trained", "resumed": False, **record}
+
+
+def _check_split_of_weights(s: BuildSettings) -> None:
+    """Refuse a backbone that ``branched build`` trained on images this build would calibrate or test on.
+
+    A checkpoint written by a build has its settings beside it (``backbone.pt.json``); on the same dataset
+    and split seed, another calibration fraction moves images the backbone has learned into the
+    calibration split, where its errors and its exits' are rarer than on new data, and the guarantee no
+    longer holds. Weights from elsewhere cannot be checked: keep their training images out of the dataset.
+    """
+    try:
+        with open(s.weights + ".json") as f:
+            trained = json.load(f)["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if trained.get("dataset") != s.dataset or trained.get("split_seed") != s.split_seed:
+        return
+    fraction = trained.get("calib_fraction")
+    if fraction != s.calib_fraction:
+        same = "no --calib-fraction" if fraction is None else f"--calib-fraction {fraction}"
+        raise UsageError(f"{s.weights} was trained on the {s.dataset} split of {same}; with another fraction this "
+                         f"build's calibration split would hold images the backbone learned: pass {same}, or train "
+                         f"a backbone on this split")
 
 
 def gates(model: BranchedModel, s: BuildSettings, train_tensors, progress: bool):
@@ -105,7 +130,8 @@ def exits_and_calibration(model: BranchedModel, s: BuildSettings, fit: FitSettin
                     path_fraction=s.path_fraction, seed=s.seed, guarantee=s.guarantee)
     model.config.policy = policy
     model.config.thresholds = list(cal.thresholds)
-    test_points = [collect_records(model, *tensors["test"], policy=policy).point(t) for t in cal.path]
+    test_records = collect_records(model, *tensors["test"], policy=policy)
+    test_points = [test_records.point(t) for t in cal.path]
     report = {**cal.report, "policy": policy,
               "policy_selection": {"scores": policy_scores,
                                    "rule": "best threshold path on the path part of the calibration split"}}
