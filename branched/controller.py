@@ -182,7 +182,7 @@ def operating_points(config, max_drop: float, basis: str = "measured") -> list[O
         need = min(by(point(1, p, _bound(p, cal))) for p in cheaper)
         raise ControllerError(f"max_drop {max_drop:g} leaves no point cheaper than the calibrated one (cost "
                               f"{home.cost_fraction:.3f}): the next cheaper point's {what} is {need:.4f}; use "
-                              f"max_drop >= {math.ceil(need * 1e4) / 1e4:.4f}")
+                              f"max_drop >= {math.ceil(need * 1e4 - 1e-6) / 1e4:.4f}")
     return ladder
 
 

@@ -282,3 +282,183 @@ def test_per_request_thresholds_win_over_the_controller(tmp_path):
                                       (body, {"threshold": "0"})], default)
     assert [a["exit"] for a in answers] == [0, 2, 1, 0]
     assert predictor.answer_batch([(body, {})])[0]["exit"] == 2  # no default: the calibrated thresholds
+
+
+# -- TorchServe: the handler runs the controller (a real server on loopback, ~2 min) ------------------------
+
+TS_NAME = "tsctl"
+TS_SLO_MS = 250.0
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _save_ladder_model(directory, calibrated: bool = True) -> str:
+    """cifar_resnet20 with untrained exits whose calibrated point is the backbone ([inf, inf]) and whose
+    cheaper points send everything out at exit 1 ([inf, 0]) or exit 0 ([0, 0]): the exit of an answer
+    shows the point it was served at."""
+    from branched.artifact import save_model
+
+    try:
+        from helpers import make_model  # after the layout change (issue #12)
+    except ImportError:
+        from test_core import make_model
+    model = make_model("cifar_resnet20", 32)
+    model.config.thresholds = [math.inf, math.inf]
+    if calibrated:
+        model.config.meta["calibration"] = {"backbone_accuracy": 0.7, "curve": [
+            {"thresholds": [0.0, 0.0], "cost_fraction": 0.3, "accuracy": 0.68},
+            {"thresholds": [math.inf, 0.0], "cost_fraction": 0.6, "accuracy": 0.69},
+            {"thresholds": [math.inf, math.inf], "cost_fraction": 1.0, "accuracy": 0.7}]}
+    save_model(model, str(directory))
+    return str(directory)
+
+
+def _branched(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), "branched")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ts_store(tmp_path_factory) -> str:
+    """The archives, made by the ``branched archive`` command with the controller's two options."""
+    model_dir = _save_ladder_model(tmp_path_factory.mktemp("ctl") / TS_NAME)
+    out = str(tmp_path_factory.mktemp("ctlstore"))
+    proc = _branched("archive", model_dir, "--out", out, "--batch-size", "8", "--max-batch-delay", "20",
+                     "--threads", "1", "--slo-p95-ms", str(TS_SLO_MS), "--max-drop", "0.05")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def ts_server(ts_store, tmp_path_factory):
+    try:
+        from loadtests.harness import TorchServe  # after the layout change (issue #12)
+    except ImportError:
+        from handlers.server import TorchServe
+    ts = TorchServe(ts_store, str(tmp_path_factory.mktemp("ctlts")), {TS_NAME: f"{TS_NAME}.mar"})
+    try:
+        ts.start()
+        yield ts
+    finally:
+        ts.stop()
+
+
+def _ts_metrics(ts) -> dict:
+    import re
+
+    import requests
+    out = {}
+    for line in requests.get(ts.metrics_url, timeout=10).text.splitlines():
+        m = re.match(r"^(\w+)\{(.*)\}\s+(\S+)$", line)
+        if m and m.group(1).startswith("Branched"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            key = (m.group(1), labels.get("Direction", ""))
+            out[key] = out.get(key, 0.0) + float(m.group(3))
+    return out
+
+
+def _wait_for(condition, timeout: float = 20.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value is not None or time.monotonic() > deadline:
+            return value
+        time.sleep(0.3)
+
+
+def test_torchserve_archive_writes_and_checks_the_controller_settings(ts_store, tmp_path):
+    import os
+    import zipfile
+
+    import yaml
+    with zipfile.ZipFile(os.path.join(ts_store, f"{TS_NAME}.mar")) as z:
+        handler = yaml.safe_load(z.read("model-config.yaml"))["handler"]
+    assert (handler["slo_p95_ms"], handler["max_drop"]) == (TS_SLO_MS, 0.05)
+    with zipfile.ZipFile(os.path.join(ts_store, f"{TS_NAME}-baseline.mar")) as z:
+        assert "slo_p95_ms" not in yaml.safe_load(z.read("model-config.yaml"))["handler"]
+    plain = _save_ladder_model(tmp_path / "plain", calibrated=False)
+    calibrated = _save_ladder_model(tmp_path / "cal")
+    for args, message in ((["--slo-p95-ms", "100", "--max-drop", "0.02", plain], "no calibration curve"),
+                          (["--slo-p95-ms", "100", "--max-drop", "0.005", calibrated], "use max_drop >= 0.0100"),
+                          (["--slo-p95-ms", "100", calibrated], "needs --max-drop"),
+                          (["--max-drop", "0.02", calibrated], "give --slo-p95-ms too"),
+                          (["--slo-p95-ms", "0", "--max-drop", "0.02", calibrated], "must be > 0")):
+        proc = _branched("archive", *args[:-1], args[-1], "--out", str(tmp_path / "out"))
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
+    assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
+
+
+def test_torchserve_burst_moves_to_a_cheaper_point_and_back(ts_server):
+    """Low load: answers come from the calibrated point (the backbone, exit 2). A burst of 24 closed-loop
+    clients saturates the worker: the controller moves down (answers without thresholds leave at exit 0/1,
+    the metrics say so), while answers with their own thresholds keep them (exit 2). After the burst the
+    next answers come from the calibrated point again and the metrics show the move back."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+    url = f"{ts_server.inference_url}/predictions/{TS_NAME}"
+    bodies = [_png(i) for i in range(8)]
+
+    def ask(i: int, own: bool) -> tuple[float, bool, int]:
+        headers = {"X-Request-Start": f"t={time.time():.6f}"}
+        if own:
+            headers["thresholds"] = "inf,inf"
+        r = requests.post(url, data=bodies[i % len(bodies)], headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        return time.monotonic(), own, r.json()["exit"]
+
+    for i in range(6):  # low load: the calibrated point, and a service model to predict from
+        assert ask(i, False)[2] == 2
+    before = _ts_metrics(ts_server)
+    assert before.get(("BranchedOperatingPoint", ""), 0.0) == 0.0
+
+    stop = time.monotonic() + 12.0
+    answers: list = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            got = ask(c + i, own=(c % 3 == 0))
+            with lock:
+                answers.append(got)
+            i += 1
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(client, range(24)))
+    own = [e for _, o, e in answers if o]
+    default = [e for _, o, e in answers if not o]
+    assert own and set(own) == {2}, "a request's own thresholds must win over the controller"
+    assert min(default) < 2 and sum(e < 2 for e in default) > len(default) / 2, default
+
+    def moved():
+        m = _ts_metrics(ts_server)
+        return m if m.get(("BranchedPointMoves", "down"), 0) >= 1 else None
+
+    during = _wait_for(moved)
+    assert during is not None, _ts_metrics(ts_server)
+    time.sleep(5.0)  # longer than window_s (2) + hold_s (3): the load estimate has fallen, the hold has passed
+    after = [ask(i, False)[2] for i in range(4)]
+    assert after == [2, 2, 2, 2], after
+
+    def back():
+        m = _ts_metrics(ts_server)
+        return m if m.get(("BranchedPointMoves", "up"), 0) >= 1 and m.get(("BranchedOperatingPoint", "")) == 0 \
+            else None
+
+    final = _wait_for(back)
+    assert final is not None, _ts_metrics(ts_server)
+    assert final[("BranchedOperatingCost", "")] == pytest.approx(1.0)
+    assert final[("BranchedExpectedDrop", "")] == pytest.approx(0.0)
+    assert final[("BranchedPredictedP95", "")] > 0
