@@ -1,51 +1,29 @@
 """Load-adaptive operating point: hold a p95 latency target by moving along the calibrated trade-off curve.
 
-A model's calibration stores its trade-off curve (``config.meta["calibration"]["curve"]``: Pareto points
-``{"thresholds", "cost_fraction", "accuracy", "drop", "risk"}`` measured on the calibration split). The
-:class:`OperatingPointController` serves the calibrated point while load is low and moves to cheaper
-points of that curve when the p95 latency target is at risk, never to a point whose expected accuracy
-drop against the backbone exceeds the declared ``max_drop`` (the floor), and moves back when load falls.
+**Ladder** (:func:`branched.operating_points.operating_points`): index 0 is the calibrated point, then the
+cheaper points of the model's calibration curve whose accuracy drop against the backbone is within ``max_drop``
+(measured on the calibration split, or its certified bound), cheapest (the floor) last.
 
-**Ladder.** :func:`operating_points` turns the curve into a ladder: index 0 is the calibrated point (the
-model's own thresholds), then every curve point cheaper than it whose drop is within ``max_drop``,
-cheapest last (the floor). ``basis="measured"`` compares the drop measured on the calibration split;
-``basis="certified"`` compares a Clopper-Pearson upper bound, simultaneous over every tested path point
-(Bonferroni, so valid however the point is picked), computed from the stored risk with the calibration
-split's error count standing in for the certify part's (an upper bound of it): a guarantee, at the
-price of being conservative on small calibration splits.
+**Load signal**: what a server can see. :meth:`~OperatingPointController.observe_batch` (size, seconds, realised
+cost) feeds a service-time model (batch time ``a + b (v + u c)``, non-negative weighted least squares, forgetting
+with half-life ``memory_s``) and the load estimate: served rate and busy fraction over the last quarter, half and
+whole ``window_s`` (the highest rate wins: a step up shows within a quarter window), plus the per-batch overhead
+outside the handler (gaps before full batches). A TorchServe worker learns nothing about its queue; while it has
+slack its served rate is the arrival rate, and once saturated (busy >= ``saturation``) arrivals are taken as
+``surge`` x served, so it searches cheaper points geometrically. Optional: ``observe_arrivals`` (counted at an
+ingress; replaces the served rate), ``observe_queue`` (waiting requests), ``observe_latencies`` (measured: the
+reactive check; TorchServe gets them from an ``X-Request-Start`` header).
 
-**Load signal.** A server reports what it can see; every input is optional but the first:
+**Prediction** at point ``j``: full-batch time ``S_j``, capacity ``mu_j = B / S_j``, ``rho_j = lambda / mu_j``,
+``p95_j = min(delay, (B-1)/lambda) + S_j + ln(20 rho_j) / (mu_j (1 - rho_j)) + queue / mu_j`` (M/M/1 p95 wait;
+infinite at ``rho_j >= 1``).
 
-* :meth:`~OperatingPointController.observe_batch`: a batch of ``size`` requests at realised mean cost
-  fraction ``c`` kept the server busy ``seconds``. This feeds the service-time model (batch time
-  ``= a + b (v + u c)``, weighted non-negative least squares with exponential forgetting: what a cheaper
-  point would cost, learned, not assumed proportional to FLOPs) and the load estimate: served rate, busy
-  fraction, and the per-batch overhead outside the handler (the gap before a batch that came full: the
-  server had a queue, so the gap was pure overhead). A TorchServe handler sees only this: TorchServe tells a
-  worker nothing about its queue. While the worker is not saturated, its served rate *is* the arrival rate;
-  once it is saturated (busy >= ``saturation``), arrivals are at least the served rate and are taken as
-  ``surge`` x served, so the controller searches cheaper points geometrically until the worker has slack.
-* :meth:`~OperatingPointController.observe_arrivals`: arrivals counted where they happen (Ray's ingress);
-  they replace the served-rate estimate.
-* :meth:`~OperatingPointController.observe_queue`: requests waiting or in flight, when the server knows.
-* :meth:`~OperatingPointController.observe_latencies`: request latencies (end to end in Ray; in TorchServe
-  from an ``X-Request-Start`` header a proxy or client sets). The reactive check on top of the prediction.
-
-**Prediction.** For ladder point ``j``: full-batch time ``S_j = overhead + a + B (v + u c_j)``, capacity
-``mu_j = B / S_j``, load ``rho_j = lambda / mu_j`` and
-``p95_j = fill wait + S_j + ln(20 rho_j) / (mu_j (1 - rho_j)) + queue / mu_j`` (infinite at
-``rho_j >= 1``; the middle term is the M/M/1 p95 wait), where the fill wait is
-``min(batch delay, (B - 1) / lambda)``.
-
-**Decision** (:meth:`~OperatingPointController.update`, asymmetric hysteresis): when ``p95_cur > high x
-target`` (or observed p95 > target), move at once to the most accurate point with ``p95_j <= high x
-target`` (the floor if none); move back only to a point predicted to hold ``high x target`` at
-``1 + headroom`` times the load (and with observed p95 <= ``low x target``) after ``hold_s`` without
-pressure (hysteresis in load, where the noise is, not in latency, which is steep near saturation); a down-move soon after an up-move doubles the hold
-(at most 8x), so a wrong model cannot make it oscillate faster than that. Per-request thresholds and
-budgets bypass the controller: it only supplies the default (``Predictor.prepare(..., default=...)``).
-
-Framework-free: the standard library only. Thread-safe (one lock).
+**Decision** (:meth:`~OperatingPointController.update`): when ``p95_cur > high x target`` move at once to the
+most accurate point predicted under it (else the floor); when only the observed p95 exceeds the target, one step.
+Move back after ``hold_s`` without pressure, to the most accurate point that would hold at ``1 + headroom`` x the
+load (hysteresis in load, where the noise is) while the observed p95 <= ``low x target``. A down-move soon after
+an up-move doubles the hold (up to 8x). Per-request thresholds and budgets bypass the controller: it supplies
+only the default (``Predictor.prepare(..., default=...)``). Standard library only; thread-safe (one lock).
 """
 from __future__ import annotations
 
@@ -57,133 +35,10 @@ from dataclasses import dataclass, fields
 from itertools import combinations
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from .operating_points import BASES, ControllerError, OperatingPoint, drop_upper_bound, operating_points
+
 __all__ = ["ControllerError", "ControllerSettings", "OperatingPoint", "operating_points", "drop_upper_bound",
            "ServiceModel", "OperatingPointController", "BASES"]
-
-BASES = ("measured", "certified")
-
-
-class ControllerError(ValueError):
-    """The controller cannot run as asked; the message says how to fix it."""
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """A ladder rung: ``index`` 0 is the calibrated point; higher is cheaper.
-
-    ``drop`` is the expected accuracy drop against the backbone (calibration split); ``drop_bound`` its
-    simultaneous upper confidence bound (None when the calibration report lacks what it needs).
-    """
-
-    index: int
-    thresholds: tuple
-    cost_fraction: float
-    accuracy: float
-    drop: float
-    drop_bound: Optional[float]
-
-
-# ---------------------------------------------------------------------------------------------- ladder
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 1.0 if k >= n else 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    c = math.lgamma(n + 1)
-    return min(1.0, sum(math.exp(c - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
-                        for i in range(k + 1)))
-
-
-def drop_upper_bound(errors: int, n: int, alpha: float) -> float:
-    """Clopper-Pearson upper bound at level ``1 - alpha`` on a rate with ``errors`` of ``n`` observed."""
-    if errors >= n:
-        return 1.0
-    lo, hi = errors / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _binom_cdf(errors, n, mid) > alpha else (lo, mid)
-    return hi
-
-
-def _bound(point: Mapping[str, Any], cal: Mapping[str, Any]) -> Optional[float]:
-    g = cal.get("guarantee") or {}
-    n_all, n_cert, m, delta = cal.get("samples"), g.get("certify_samples"), g.get("tested_points"), g.get("delta")
-    if None in (n_all, n_cert, m, delta, point.get("risk")) or not n_cert:
-        return None
-    errors = min(int(n_cert), int(round(float(point["risk"]) * int(n_all))))  # certify errors <= all errors
-    return drop_upper_bound(errors, int(n_cert), float(delta) / max(int(m), 1))
-
-
-def operating_points(config, max_drop: float, basis: str = "measured") -> list[OperatingPoint]:
-    """The controller's ladder for a model: the calibrated point, then the cheaper curve points within
-    ``max_drop`` (by measured drop or by its certified bound), cheapest last.
-
-    Raises:
-        ControllerError: no curve; thresholds not on the curve; ``max_drop`` out of range or too small
-            to leave any cheaper point (the message names the value that would).
-    """
-    if basis not in BASES:
-        raise ControllerError(f"basis must be one of {', '.join(BASES)}, got {basis!r}")
-    if not 0 < max_drop < 1:
-        raise ControllerError(f"max_drop is an accuracy fraction in (0, 1), e.g. 0.02 for 2 points; got {max_drop}")
-    cal = (config.meta or {}).get("calibration") or {}
-    curve = cal.get("curve") or []
-    if not curve:
-        raise ControllerError("this model has no calibration curve (config.meta['calibration']['curve']), so the "
-                              "load controller has no cheaper points to move to: rebuild the model with `branched "
-                              "build`, which calibrates it, or turn the controller off (no slo_p95_ms)")
-    backbone = cal.get("backbone_accuracy")
-
-    def drop_of(p: Mapping[str, Any]) -> float:
-        if p.get("drop") is not None:
-            return float(p["drop"])
-        if backbone is None:
-            raise ControllerError("the calibration curve has neither 'drop' per point nor a 'backbone_accuracy': "
-                                  "rebuild the model with this version of `branched build`")
-        return float(backbone) - float(p["accuracy"])
-
-    def point(i: int, p: Mapping[str, Any], bound: Optional[float]) -> OperatingPoint:
-        return OperatingPoint(i, tuple(float(t) for t in p["thresholds"]), float(p["cost_fraction"]),
-                              float(p["accuracy"]), drop_of(p), bound)
-
-    own = [float(t) for t in config.thresholds]
-    if cal.get("cost_fraction") is not None and cal.get("accuracy") is not None and \
-            [float(t) for t in cal.get("thresholds", own)] == own:
-        g = cal.get("guarantee") or {}
-        home = point(0, {**cal, "thresholds": own}, g.get("drop_bound", _bound(cal, cal)))
-    else:
-        match = [p for p in curve if [float(t) for t in p["thresholds"]] == own]
-        if not match:
-            raise ControllerError(f"the model's thresholds {own} are not its calibrated point nor on its calibration "
-                                  f"curve, so their cost and accuracy are unknown: restore the calibrated thresholds "
-                                  f"or rebuild the model")
-        home = point(0, match[0], _bound(match[0], cal))
-    cheaper = sorted((p for p in curve if float(p["cost_fraction"]) < home.cost_fraction - 1e-12),
-                     key=lambda p: (-float(p["cost_fraction"]), -float(p["accuracy"])))
-    if not cheaper:
-        raise ControllerError(f"the calibrated point (cost {home.cost_fraction:.3f}) is already the cheapest on the "
-                              f"curve: there is nothing to trade for latency; rebuild with a smaller --max-drop "
-                              f"(or a --max-cost) so that cheaper points remain, or turn the controller off")
-    by = (lambda p: p.drop) if basis == "measured" else (lambda p: math.inf if p.drop_bound is None else p.drop_bound)
-    what = "expected drop" if basis == "measured" else "certified drop bound"
-    if basis == "certified" and home.drop_bound is None:
-        raise ControllerError("the calibration report lacks what a certified bound needs (samples, guarantee "
-                              "certify_samples / tested_points / delta): use basis 'measured' or rebuild the model")
-    if by(home) > max_drop + 1e-12:
-        raise ControllerError(f"max_drop {max_drop:g} is below the calibrated point's own {what} {by(home):.4f}: "
-                              f"the controller could never serve it; use max_drop >= {by(home):.4f}")
-    ladder = [home]
-    for p in cheaper:
-        rung = point(len(ladder), p, _bound(p, cal))
-        if by(rung) <= max_drop + 1e-12:
-            ladder.append(rung)
-    if len(ladder) == 1:
-        need = min(by(point(1, p, _bound(p, cal))) for p in cheaper)
-        raise ControllerError(f"max_drop {max_drop:g} leaves no point cheaper than the calibrated one (cost "
-                              f"{home.cost_fraction:.3f}): the next cheaper point's {what} is {need:.4f}; use "
-                              f"max_drop >= {math.ceil(need * 1e4 - 1e-6) / 1e4:.4f}")
-    return ladder
 
 
 # ---------------------------------------------------------------------------------------------- settings

@@ -255,8 +255,9 @@ def _controller(settings: Mapping[str, Any], yaml_config: Mapping[str, Any],
     if settings.get("slo_p95_ms") is None or settings.get("baseline"):
         return None
     values = {k: settings.get(k) for k in CONTROLLER_SETTINGS}
-    values.update(batch_size=int(yaml_config.get("batchSize") or 1),
-                  batch_delay_ms=float(yaml_config.get("maxBatchDelay") or 0), **(settings.get("controller") or {}))
+    values.update({"batch_size": int(yaml_config.get("batchSize") or 1),
+                   "batch_delay_ms": float(yaml_config.get("maxBatchDelay") or 0)})
+    values.update(settings.get("controller") or {})  # tuning: ControllerSettings fields
     return OperatingPointController(predictor.config, ControllerSettings.from_mapping(values))
 
 

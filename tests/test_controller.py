@@ -125,7 +125,7 @@ def test_ladder_starts_at_the_calibrated_point_and_stops_at_the_floor():
 
 
 def test_max_drop_out_of_reach_is_refused_with_the_fix():
-    with pytest.raises(ControllerError, match=r"next cheaper point's expected drop is 0\.0080; use max_drop >= 0\.0080"):
+    with pytest.raises(ControllerError, match=r"next cheaper point's expected drop is 0\.00800; use max_drop >= 0\.0080"):
         operating_points(fake_config(), 0.006)
     with pytest.raises(ControllerError, match=r"below the calibrated point's own expected drop 0\.0050"):
         operating_points(fake_config(), 0.004)
