@@ -13,6 +13,7 @@ from PIL import Image
 
 from branched.controller import (ControllerError, ControllerSettings, OperatingPointController, drop_upper_bound,
                                  operating_points)
+from helpers import metric, metrics, wait_for
 
 # A synthetic calibration: cost falls and drop rises along the Pareto curve; the calibrated point is index 3.
 COSTS = [1.0, 0.8, 0.6, 0.5, 0.4, 0.33, 0.27, 0.22, 0.18, 0.15, 0.12]
@@ -256,10 +257,7 @@ def test_per_request_thresholds_win_over_the_controller(tmp_path):
     from branched.artifact import save_model
     from branched.serving import Predictor
 
-    try:
-        from helpers import make_model  # after the layout change (issue #12)
-    except ImportError:
-        from test_core import make_model
+    from helpers import make_model
     model = make_model("cifar_resnet20", 32)
     model.config.thresholds = [math.inf, math.inf]
     model.config.meta["calibration"] = {"backbone_accuracy": 0.7, "curve": [
@@ -302,10 +300,7 @@ def _save_ladder_model(directory, calibrated: bool = True) -> str:
     shows the point it was served at."""
     from branched.artifact import save_model
 
-    try:
-        from helpers import make_model  # after the layout change (issue #12)
-    except ImportError:
-        from test_core import make_model
+    from helpers import make_model
     model = make_model("cifar_resnet20", 32)
     model.config.thresholds = [math.inf, math.inf]
     if calibrated:
@@ -339,10 +334,7 @@ def ts_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ts_server(ts_store, tmp_path_factory):
-    try:
-        from loadtests.harness import TorchServe  # after the layout change (issue #12)
-    except ImportError:
-        from handlers.server import TorchServe
+    from loadtests.launchers import TorchServe
     ts = TorchServe(ts_store, str(tmp_path_factory.mktemp("ctlts")), {TS_NAME: f"{TS_NAME}.mar"})
     try:
         ts.start()
@@ -351,30 +343,7 @@ def ts_server(ts_store, tmp_path_factory):
         ts.stop()
 
 
-def _ts_metrics(ts) -> dict:
-    import re
-
-    import requests
-    out = {}
-    for line in requests.get(ts.metrics_url, timeout=10).text.splitlines():
-        m = re.match(r"^(\w+)\{(.*)\}\s+(\S+)$", line)
-        if m and m.group(1).startswith("Branched"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-            key = (m.group(1), labels.get("Direction", ""))
-            out[key] = out.get(key, 0.0) + float(m.group(3))
-    return out
-
-
-def _wait_for(condition, timeout: float = 20.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value is not None or time.monotonic() > deadline:
-            return value
-        time.sleep(0.3)
-
-
+@pytest.mark.server
 def test_torchserve_archive_writes_and_checks_the_controller_settings(ts_store, tmp_path):
     import os
     import zipfile
@@ -397,6 +366,7 @@ def test_torchserve_archive_writes_and_checks_the_controller_settings(ts_store, 
     assert not os.path.exists(tmp_path / "out") or not os.listdir(tmp_path / "out")
 
 
+@pytest.mark.server
 def test_torchserve_burst_moves_to_a_cheaper_point_and_back(ts_server):
     """Low load: answers come from the calibrated point (the backbone, exit 2). A burst of 24 closed-loop
     clients saturates the worker: the controller moves down (answers without thresholds leave at exit 0/1,
@@ -420,8 +390,8 @@ def test_torchserve_burst_moves_to_a_cheaper_point_and_back(ts_server):
 
     for i in range(6):  # low load: the calibrated point, and a service model to predict from
         assert ask(i, False)[2] == 2
-    before = _ts_metrics(ts_server)
-    assert before.get(("BranchedOperatingPoint", ""), 0.0) == 0.0
+    before = metrics(ts_server.metrics_url)
+    assert metric(before, "BranchedOperatingPoint") == 0.0
 
     stop = time.monotonic() + 12.0
     answers: list = []
@@ -443,22 +413,22 @@ def test_torchserve_burst_moves_to_a_cheaper_point_and_back(ts_server):
     assert min(default) < 2 and sum(e < 2 for e in default) > len(default) / 2, default
 
     def moved():
-        m = _ts_metrics(ts_server)
-        return m if m.get(("BranchedPointMoves", "down"), 0) >= 1 else None
+        m = metrics(ts_server.metrics_url)
+        return m if metric(m, "BranchedPointMoves", Direction="down") >= 1 else None
 
-    during = _wait_for(moved)
-    assert during is not None, _ts_metrics(ts_server)
+    during = wait_for(moved)
+    assert during is not None, metrics(ts_server.metrics_url)
     time.sleep(5.0)  # longer than window_s (2) + hold_s (3): the load estimate has fallen, the hold has passed
     after = [ask(i, False)[2] for i in range(4)]
     assert after == [2, 2, 2, 2], after
 
     def back():
-        m = _ts_metrics(ts_server)
-        return m if m.get(("BranchedPointMoves", "up"), 0) >= 1 and m.get(("BranchedOperatingPoint", "")) == 0 \
+        m = metrics(ts_server.metrics_url)
+        return m if metric(m, "BranchedPointMoves", Direction="up") >= 1 and metric(m, "BranchedOperatingPoint") == 0 \
             else None
 
-    final = _wait_for(back)
-    assert final is not None, _ts_metrics(ts_server)
-    assert final[("BranchedOperatingCost", "")] == pytest.approx(1.0)
-    assert final[("BranchedExpectedDrop", "")] == pytest.approx(0.0)
-    assert final[("BranchedPredictedP95", "")] > 0
+    final = wait_for(back)
+    assert final is not None, metrics(ts_server.metrics_url)
+    assert metric(final, "BranchedOperatingCost") == pytest.approx(1.0)
+    assert metric(final, "BranchedExpectedDrop") == pytest.approx(0.0)
+    assert metric(final, "BranchedPredictedP95") > 0
