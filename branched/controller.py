@@ -11,8 +11,9 @@ whole ``window_s`` (the highest rate wins: a step up shows within a quarter wind
 outside the handler (gaps before full batches). A TorchServe worker learns nothing about its queue; while it has
 slack its served rate is the arrival rate, and once saturated (busy >= ``saturation``) arrivals are taken as
 ``surge`` x served, so it searches cheaper points geometrically. Optional: ``observe_arrivals`` (counted at an
-ingress; replaces the served rate), ``observe_queue`` (waiting requests), ``observe_latencies`` (measured: the
-reactive check; TorchServe gets them from an ``X-Request-Start`` header).
+ingress; replaces the served rate), ``observe_work`` (instead of batches: answers and bottleneck busy time per
+interval, what a Ray ingress learns from its stages), ``observe_queue`` (waiting requests), ``observe_latencies``
+(measured: the reactive check; TorchServe gets them from an ``X-Request-Start`` header).
 
 **Prediction** at point ``j``: full-batch time ``S_j``, capacity ``mu_j = B / S_j``, ``rho_j = lambda / mu_j``,
 ``p95_j = min(delay, (B-1)/lambda) + S_j + ln(20 rho_j) / (mu_j (1 - rho_j)) + queue / mu_j`` (M/M/1 p95 wait;
@@ -231,6 +232,27 @@ class OperatingPointController:
             self._batches.append((end, int(size), seconds + self.overhead))
             if cost_fraction is not None and size > 0:
                 self.service.observe(size, seconds, cost_fraction, end)
+
+    def observe_work(self, requests: int, busy_seconds: float, cost_fraction: Optional[float],
+                     end: Optional[float] = None) -> None:
+        """For a front end that sees no batches (a Ray ingress): since its last report, ``requests`` were
+        answered at mean cost fraction ``cost_fraction`` while the bottleneck was busy ``busy_seconds``.
+
+        Fed to the service model as the time of a full batch at that per-request time (so its intercept
+        is not mistaken for a per-batch overhead) and to the busy fraction; no gap heuristic.
+
+        Args:
+            requests: requests answered in the interval (nothing is learned from 0).
+            busy_seconds: the bottleneck's busy time in the interval.
+            cost_fraction: their mean cost fraction (None: none was routed).
+            end: the interval's end (default now).
+        """
+        with self._lock:
+            end = self.clock() if end is None else end
+            self._batches.append((end, int(requests), float(busy_seconds)))
+            if cost_fraction is not None and requests > 0 and busy_seconds > 0:
+                b = self.settings.batch_size
+                self.service.observe(b, busy_seconds * b / requests, cost_fraction, end)
 
     def observe_arrivals(self, count: int = 1, now: Optional[float] = None) -> None:
         with self._lock:
