@@ -13,7 +13,7 @@ from PIL import Image
 
 from branched.controller import (ControllerError, ControllerSettings, OperatingPointController, drop_upper_bound,
                                  operating_points)
-from helpers import metric, metrics, wait_for
+from helpers import metric, metrics, save_ladder_model, wait_for
 
 # A synthetic calibration: cost falls and drop rises along the Pareto curve; the calibrated point is index 3.
 COSTS = [1.0, 0.8, 0.6, 0.5, 0.4, 0.33, 0.27, 0.22, 0.18, 0.15, 0.12]
@@ -254,18 +254,9 @@ def test_observed_latencies_push_further_when_the_model_is_wrong():
 
 def test_per_request_thresholds_win_over_the_controller(tmp_path):
     """Through Predictor: the controller's point is only the default of requests that name none."""
-    from branched.artifact import save_model
     from branched.serving import Predictor
 
-    from helpers import make_model
-    model = make_model("cifar_resnet20", 32)
-    model.config.thresholds = [math.inf, math.inf]
-    model.config.meta["calibration"] = {"backbone_accuracy": 0.7, "curve": [
-        {"thresholds": [0.0, 0.0], "cost_fraction": 0.3, "accuracy": 0.68},
-        {"thresholds": [math.inf, 0.0], "cost_fraction": 0.6, "accuracy": 0.69},
-        {"thresholds": [math.inf, math.inf], "cost_fraction": 1.0, "accuracy": 0.7}]}
-    save_model(model, str(tmp_path / "m"))
-    predictor = Predictor(str(tmp_path / "m"))
+    predictor = Predictor(save_ladder_model(str(tmp_path / "m")))
     c = OperatingPointController(predictor.config, ControllerSettings(slo_p95_ms=50, max_drop=0.05, batch_size=4),
                                  clock=Clock())
     for k in range(6):  # batches far slower than the target: the controller goes to the floor
@@ -294,24 +285,6 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _save_ladder_model(directory, calibrated: bool = True) -> str:
-    """cifar_resnet20 with untrained exits whose calibrated point is the backbone ([inf, inf]) and whose
-    cheaper points send everything out at exit 1 ([inf, 0]) or exit 0 ([0, 0]): the exit of an answer
-    shows the point it was served at."""
-    from branched.artifact import save_model
-
-    from helpers import make_model
-    model = make_model("cifar_resnet20", 32)
-    model.config.thresholds = [math.inf, math.inf]
-    if calibrated:
-        model.config.meta["calibration"] = {"backbone_accuracy": 0.7, "curve": [
-            {"thresholds": [0.0, 0.0], "cost_fraction": 0.3, "accuracy": 0.68},
-            {"thresholds": [math.inf, 0.0], "cost_fraction": 0.6, "accuracy": 0.69},
-            {"thresholds": [math.inf, math.inf], "cost_fraction": 1.0, "accuracy": 0.7}]}
-    save_model(model, str(directory))
-    return str(directory)
-
-
 def _branched(*args: str):
     import os
     import subprocess
@@ -324,7 +297,7 @@ def _branched(*args: str):
 @pytest.fixture(scope="module")
 def ts_store(tmp_path_factory) -> str:
     """The archives, made by the ``branched archive`` command with the controller's two options."""
-    model_dir = _save_ladder_model(tmp_path_factory.mktemp("ctl") / TS_NAME)
+    model_dir = save_ladder_model(str(tmp_path_factory.mktemp("ctl") / TS_NAME))
     out = str(tmp_path_factory.mktemp("ctlstore"))
     proc = _branched("archive", model_dir, "--out", out, "--batch-size", "8", "--max-batch-delay", "20",
                      "--threads", "1", "--slo-p95-ms", str(TS_SLO_MS), "--max-drop", "0.05")
@@ -354,8 +327,8 @@ def test_torchserve_archive_writes_and_checks_the_controller_settings(ts_store, 
     assert (handler["slo_p95_ms"], handler["max_drop"]) == (TS_SLO_MS, 0.05)
     with zipfile.ZipFile(os.path.join(ts_store, f"{TS_NAME}-baseline.mar")) as z:
         assert "slo_p95_ms" not in yaml.safe_load(z.read("model-config.yaml"))["handler"]
-    plain = _save_ladder_model(tmp_path / "plain", calibrated=False)
-    calibrated = _save_ladder_model(tmp_path / "cal")
+    plain = save_ladder_model(str(tmp_path / "plain"), calibrated=False)
+    calibrated = save_ladder_model(str(tmp_path / "cal"))
     for args, message in ((["--slo-p95-ms", "100", "--max-drop", "0.02", plain], "no calibration curve"),
                           (["--slo-p95-ms", "100", "--max-drop", "0.005", calibrated], "use max_drop >= 0.0100"),
                           (["--slo-p95-ms", "100", calibrated], "needs --max-drop"),
