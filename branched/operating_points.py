@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from .binomial import binomial_upper_bound
+
 __all__ = ["ControllerError", "OperatingPoint", "operating_points", "drop_upper_bound", "BASES"]
 
 BASES = ("measured", "certified")
@@ -39,26 +41,8 @@ class OperatingPoint:
 
 
 # ---------------------------------------------------------------------------------------------- ladder
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 1.0 if k >= n else 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    c = math.lgamma(n + 1)
-    return min(1.0, sum(math.exp(c - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq)
-                        for i in range(k + 1)))
-
-
-def drop_upper_bound(errors: int, n: int, alpha: float) -> float:
-    """Clopper-Pearson upper bound at level ``1 - alpha`` on a rate with ``errors`` of ``n`` observed."""
-    if errors >= n:
-        return 1.0
-    lo, hi = errors / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _binom_cdf(errors, n, mid) > alpha else (lo, mid)
-    return hi
+#: Clopper-Pearson upper bound at level ``1 - alpha`` on a rate with ``errors`` of ``n`` observed.
+drop_upper_bound = binomial_upper_bound
 
 
 def _bound(point: Mapping[str, Any], cal: Mapping[str, Any]) -> Optional[float]:
