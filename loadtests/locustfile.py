@@ -8,6 +8,8 @@ Options (added to Locust's own command line):
   --header NAME=VALUE  a header sent with every request (repeatable), e.g. ``thresholds=0.9,inf``: routing
                        parameters as headers reach the handler on both servers (TorchServe's
                        ``/predictions`` hands a handler no query string)
+  --stamp              send ``X-Request-Start: t=<epoch seconds>`` (what a proxy stamps): a TorchServe
+                       handler with a load controller then learns each request's latency
   --answers-out FILE   where to write the tally of answers (exit mix, cost, served accuracy) at stop
   --expected FILE      each pool image's own answer, computed offline (``loadtests.answers``): every
                        200 answer must carry its image's class_index, exit and confidence, else it
@@ -56,6 +58,7 @@ def _add_options(parser) -> None:
     parser.add_argument("--predict-path", default="/predict", help="endpoint path of the classifier")
     parser.add_argument("--query", default="", help="routing parameters for every request, e.g. budget=0.5")
     parser.add_argument("--header", action="append", default=[], help="NAME=VALUE header for every request")
+    parser.add_argument("--stamp", action="store_true", help="send X-Request-Start with each request's send time")
     parser.add_argument("--answers-out", default="", help="JSON file for the tally of answers")
     parser.add_argument("--expected", default="", help="JSON file: each pool image's own answer")
     parser.add_argument("--answers-log", default="", help="CSV file: one row per request")
@@ -144,7 +147,10 @@ class ClassifierUser(FastHttpUser):
     @task
     def predict(self) -> None:
         name, image, label = random.choice(POOL)
-        with self.client.post(self.path, data=image, headers={**self.headers, "X-Pool-Image": name},
+        headers = {**self.headers, "X-Pool-Image": name}
+        if self.environment.parsed_options.stamp:
+            headers["X-Request-Start"] = f"t={time.time():.6f}"
+        with self.client.post(self.path, data=image, headers=headers,
                               name="predict", catch_response=True, context={"image": name}) as resp:
             context = resp.request_meta["context"]  # the session merges it into a new dict; the log reads this one
             if resp.status_code != 200:

@@ -11,7 +11,8 @@ One server (TorchServe or Ray Serve) runs the early-exit model with the controll
    floor (what the controller can buy at most);
 3. runs the step shape (``loadtests/stepshape.py``: ``users`` paced users) twice: **fixed**, every request
    carrying the calibrated thresholds (the server as without a controller), then **controller**, requests
-   naming none, after the controller is back at its calibrated point;
+   naming none, after the controller is back at its calibrated point; every request is stamped with
+   ``X-Request-Start`` (the TorchServe handler then reports measured latencies; the Ray ingress measures its own);
 4. samples the server's operating point every 0.5 s (TorchServe: the ``BranchedOperatingPoint`` metrics;
    Ray Serve: ``GET /controller``) and writes the per-step report (:mod:`loadtests.stepreport`).
 """
@@ -214,7 +215,7 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
                     run_locust(target.host, target.path, pool.folder, prefix, users,
                                f"{settings.step_s * len(steps) + 30:g}s", target.load_cpus,
                                shape=SHAPEFILE,
-                               extra=[*(calibrated if arm == "fixed" else []), "--expected", expected,
+                               extra=[*(calibrated if arm == "fixed" else []), "--stamp", "--expected", expected,
                                       "--answers-log", f"{prefix}_requests.csv",
                                       "--steps", ",".join(f"{s:g}:{m:g}" for s, m in steps),
                                       "--capacity", f"{capacity['calibrated']:.4f}", "--step-users", str(users),
