@@ -239,6 +239,8 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
         "server_cpus": sorted(target.server_cpus), "load_cpus": sorted(target.load_cpus),
         "capacity_rps": capacity["calibrated"], "capacity_floor_rps": capacity["floor"],
         "capacity_ratio": capacity["floor"] / capacity["calibrated"] if capacity["calibrated"] else float("nan"),
+        # The controller predicts with full batches: a target under this (+ the batch delay) keeps it off point 0.
+        "full_batch_ms": 1e3 * batch_size / capacity["calibrated"] if capacity["calibrated"] else float("nan"),
         "ladder": [{"index": p.index, "cost_fraction": p.cost_fraction, "expected_drop": p.drop,
                     "pool_accuracy": a} for p, a in zip(ladder, point_accuracy)],
         "pool_backbone_accuracy": backbone_accuracy, "settle_s": settle_s,
@@ -256,7 +258,8 @@ def print_step_summary(report: dict[str, Any]) -> None:
     """The per-step table of both arms and the verdicts."""
     print(f"\n{report['server']}: {report['model']}, step load at {report['capacity_rps']:.1f} req/s capacity "
           f"(floor {report['capacity_floor_rps']:.1f}, {report['capacity_ratio']:.2f}x), target p95 "
-          f"{report['slo_p95_ms']:g} ms, max drop {report['max_drop']:g}, {report['users']} users")
+          f"{report['slo_p95_ms']:g} ms, max drop {report['max_drop']:g}, {report['users']} users; a full batch at "
+          f"the calibrated point takes {report['full_batch_ms']:.0f} ms")
     print(f"  {'arm':<10} {'step':>4} {'offered':>8} {'answered':>8} {'p95 ms':>8} {'settled':>8} {'fail':>5} "
           f"{'accuracy':>8} {'cost':>6} {'point':>9}")
     for arm, steps in report["arms"].items():
