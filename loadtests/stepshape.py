@@ -16,11 +16,12 @@ arrivals whose rate changes at each step's exact time, with no user started or s
 from __future__ import annotations
 
 import json
-import random
 import time
 from typing import Optional
 
 from locust import LoadTestShape, events
+
+from loadtests.stepspec import next_send, parse_steps
 
 
 @events.init_command_line_parser.add_listener
@@ -29,21 +30,6 @@ def _add_options(parser) -> None:
     parser.add_argument("--capacity", type=float, default=0.0, help="requests/s the step multiples refer to")
     parser.add_argument("--step-users", type=int, default=0, help="users (all spawned at the start)")
     parser.add_argument("--steps-out", default="", help="JSON file: start time and steps")
-
-
-def parse_steps(text: str) -> list[tuple[float, float]]:
-    """``"20:0.5,20:1"`` -> ``[(20.0, 0.5), (20.0, 1.0)]``.
-
-    Raises:
-        ValueError: an empty or malformed list, or a step that is not positive.
-    """
-    try:
-        steps = [(float(a), float(b)) for a, b in (item.split(":") for item in text.split(",") if item.strip())]
-    except ValueError:
-        raise ValueError(f"--steps wants seconds:multiple pairs, e.g. 20:0.5,20:1,20:2; got {text!r}") from None
-    if not steps or any(s <= 0 or m <= 0 for s, m in steps):
-        raise ValueError(f"--steps needs at least one step, every seconds and multiple > 0; got {text!r}")
-    return steps
 
 
 class StepShape(LoadTestShape):
@@ -75,20 +61,9 @@ class StepShape(LoadTestShape):
         return None
 
     def next_send(self, after: float) -> Optional[float]:
-        """Run time of one user's next request after run time ``after``: Poisson at ``multiple x capacity /
-        users`` per step (memoryless, so a draw that crosses a step boundary is drawn again from there);
-        None after the last step."""
+        """Run time of one user's next request after run time ``after`` (:func:`loadtests.stepspec.next_send`)."""
         opts = self._options()
-        end = 0.0
-        for seconds, multiple in self.steps():
-            start, end = end, end + seconds
-            if after >= end:
-                continue
-            t = max(after, start) + random.expovariate(multiple * opts.capacity / opts.step_users)
-            if t < end:
-                return t
-            after = end
-        return None
+        return next_send(self.steps(), opts.capacity, opts.step_users, after)
 
     def tick(self) -> Optional[tuple[int, float]]:
         t = self.get_run_time()

@@ -4,12 +4,13 @@ import csv
 import json
 import math
 import os
+import random
 
 import pytest
 
 from loadtests.answers import LogRow
 from loadtests.stepreport import step_rows
-from loadtests.stepshape import parse_steps
+from loadtests.stepspec import next_send, parse_steps
 
 from helpers import save_ladder_model
 
@@ -19,6 +20,16 @@ def test_steps_parse_and_refuse_with_the_fix():
     for bad in ("", "20", "20:x", "0:1", "20:-1"):
         with pytest.raises(ValueError, match="--steps"):
             parse_steps(bad)
+
+
+def test_users_send_poisson_arrivals_at_each_step_rate():
+    """50 users, capacity 100/s, 10 s at 0.5x then 10 s at 2x: about 500 then 2000 requests."""
+    rng, counts = random.Random(0), [0, 0, 0]
+    for _ in range(50):
+        t = 0.0
+        while (t := next_send([(10, 0.5), (10, 2.0)], 100.0, 50, t, rng)) is not None:
+            counts[int(t // 10)] += 1
+    assert counts[2] == 0 and abs(counts[0] - 500) < 4 * 500 ** 0.5 and abs(counts[1] - 2000) < 4 * 2000 ** 0.5
 
 
 def test_a_request_belongs_to_the_step_it_was_sent_in():
