@@ -238,8 +238,9 @@ class OperatingPointController:
         """For a front end that sees no batches (a Ray ingress): since its last report, ``requests`` were
         answered at mean cost fraction ``cost_fraction`` while the bottleneck was busy ``busy_seconds``.
 
-        Fed to the service model as the time of a full batch at that per-request time (so its intercept
-        is not mistaken for a per-batch overhead) and to the busy fraction; no gap heuristic.
+        Fed to the service model as a time per request (one request and a full batch at that time each: no
+        per-batch intercept, which a run of equal counts could not tell apart) and to the busy fraction; no gap
+        heuristic.
 
         Args:
             requests: requests answered in the interval (nothing is learned from 0).
@@ -251,8 +252,9 @@ class OperatingPointController:
             end = self.clock() if end is None else end
             self._batches.append((end, int(requests), float(busy_seconds)))
             if cost_fraction is not None and requests > 0 and busy_seconds > 0:
-                b = self.settings.batch_size
-                self.service.observe(b, busy_seconds * b / requests, cost_fraction, end)
+                per_request = busy_seconds / requests
+                for size in (1, self.settings.batch_size):
+                    self.service.observe(size, size * per_request, cost_fraction, end)
 
     def observe_arrivals(self, count: int = 1, now: Optional[float] = None) -> None:
         with self._lock:
@@ -287,15 +289,23 @@ class OperatingPointController:
         return _quantile(self._gaps, 0.2) if len(self._gaps) >= 4 else 0.0
 
     def predicted_p95(self, j: int, arrival_rate: float, queue: int = 0) -> float:
-        """Predicted p95 latency (seconds) at ladder point ``j`` under ``arrival_rate`` requests/s."""
+        """Predicted p95 latency (seconds) at ladder point ``j`` under ``arrival_rate`` requests/s.
+
+        Batches hold what arrives during the batch delay and the previous batch (``b = lambda (delay + S(b))``,
+        between 1 and ``batch_size``): full under load, small at a trickle, where a full-batch time would
+        overstate the latency and keep the controller off the calibrated point."""
         s = self.settings
-        b = s.batch_size
-        batch = self.overhead + self.service.predict(b, self.points[j].cost_fraction)
+        cost, delay = self.points[j].cost_fraction, s.batch_delay_ms / 1e3
+        b = float(s.batch_size)
+        for _ in range(4):  # from a full batch down to the largest fixed point
+            batch = self.overhead + self.service.predict(b, cost)
+            b = min(float(s.batch_size), max(1.0, arrival_rate * (delay + batch)))
+        batch = self.overhead + self.service.predict(b, cost)
         mu = b / max(batch, 1e-9)
         rho = arrival_rate / mu
         if rho >= 1:
             return math.inf
-        fill = s.batch_delay_ms / 1e3 if arrival_rate <= 0 else min(s.batch_delay_ms / 1e3, (b - 1) / arrival_rate)
+        fill = delay if arrival_rate <= 0 else min(delay, (b - 1) / arrival_rate) if b >= s.batch_size else delay
         wait = math.log(20 * rho) / (mu * (1 - rho)) if rho > 0.05 else 0.0
         return fill + batch + wait + queue / mu
 

@@ -239,7 +239,7 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
         "server_cpus": sorted(target.server_cpus), "load_cpus": sorted(target.load_cpus),
         "capacity_rps": capacity["calibrated"], "capacity_floor_rps": capacity["floor"],
         "capacity_ratio": capacity["floor"] / capacity["calibrated"] if capacity["calibrated"] else float("nan"),
-        # The controller predicts with full batches: a target under this (+ the batch delay) keeps it off point 0.
+        # Under load batches are full: a target under this (+ the batch delay) cannot hold even at the 1x step.
         "full_batch_ms": 1e3 * batch_size / capacity["calibrated"] if capacity["calibrated"] else float("nan"),
         "ladder": [{"index": p.index, "cost_fraction": p.cost_fraction, "expected_drop": p.drop,
                     "pool_accuracy": a} for p, a in zip(ladder, point_accuracy)],

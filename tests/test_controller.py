@@ -286,12 +286,15 @@ def _png(seed: int) -> bytes:
 
 
 def _branched(*args: str):
+    """The ``branched`` command of this checkout (``python -m`` from the repository root, whatever checkout the
+    environment's ``branched`` script was installed from)."""
     import os
     import subprocess
     import sys
 
-    exe = os.path.join(os.path.dirname(sys.executable), "branched")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "branched.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=root)
 
 
 @pytest.fixture(scope="module")
