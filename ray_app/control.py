@@ -175,11 +175,14 @@ class IngressControl:
             c = self.controller
             if c is None:
                 break
-            try:
-                busy = await self.bottleneck_busy()
-            except Exception as exc:  # noqa: BLE001 - a stage restarting: skip this interval
-                logger.warning("load controller: no stage stats this interval (%s: %s)", type(exc).__name__, exc)
-                busy = None
+            busy = None
+            if self._answered or self.in_flight:  # idle: no stage calls (each costs the stages CPU)
+                try:
+                    busy = await self.bottleneck_busy()
+                except Exception as exc:  # noqa: BLE001 - a stage restarting: skip this interval
+                    logger.warning("load controller: no stage stats (%s: %s)", type(exc).__name__, exc)
+            else:
+                self._seen.clear()  # the next busy fraction starts from the next sample, not across the idle time
             answered, cost = self._answered, self._cost_sum / self._costed if self._costed else None
             self._answered, self._cost_sum, self._costed = 0, 0.0, 0
             if busy is not None:
