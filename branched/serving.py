@@ -67,8 +67,12 @@ class Predictor:
         self.preprocessor = Preprocessor.for_config(self.config, limits)
         self.default_thresholds = resolve_thresholds(None, self.config.thresholds)
 
-    def prepare(self, data: bytes, params: Optional[Mapping[str, Any]] = None) -> Prepared:
+    def prepare(self, data: bytes, params: Optional[Mapping[str, Any]] = None,
+                default: Optional[torch.Tensor] = None) -> Prepared:
         """Decode one request's image and routing parameters.
+
+        ``default``: thresholds for a request that names none (a load controller's operating point);
+        None: ``default_thresholds``. The request's own ``thresholds`` / ``threshold`` / ``budget`` win.
 
         Raises:
             RequestError: bad image bytes (413 for an oversized body) or bad routing parameters.
@@ -83,7 +87,9 @@ class Predictor:
             image = self.preprocessor.from_bytes(data)
         except ImageError as exc:
             raise RequestError(str(exc)) from None
-        return Prepared(image, self.default_thresholds if thresholds is None else thresholds)
+        if thresholds is None:
+            thresholds = self.default_thresholds if default is None else default
+        return Prepared(image, thresholds)
 
     @torch.inference_mode()
     def predict(self, prepared: Sequence[Prepared]) -> list[dict[str, Any]]:
@@ -94,14 +100,16 @@ class Predictor:
         thresholds = torch.stack([p.thresholds for p in prepared])
         return self.model.routed_forward(x, thresholds).answers(self.config.class_names)
 
-    def answer_batch(self, requests: Sequence[tuple[bytes, Mapping[str, Any]]]) -> list[Any]:
-        """Answer every request of a batch: a dict, or a :class:`RequestError` for a bad one."""
+    def answer_batch(self, requests: Sequence[tuple[bytes, Mapping[str, Any]]],
+                     default: Optional[torch.Tensor] = None) -> list[Any]:
+        """Answer every request of a batch: a dict, or a :class:`RequestError` for a bad one.
+        ``default`` as in :meth:`prepare`."""
         results: list[Any] = [None] * len(requests)
         good: list[int] = []
         prepared: list[Prepared] = []
         for i, (data, params) in enumerate(requests):
             try:
-                prepared.append(self.prepare(data, params))
+                prepared.append(self.prepare(data, params, default))
                 good.append(i)
             except RequestError as exc:
                 results[i] = exc

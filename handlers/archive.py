@@ -21,7 +21,8 @@ import yaml
 
 import branched
 
-__all__ = ["ArchiveSettings", "build_archive", "build_archives", "register", "HANDLER_FILE", "NOT_SHIPPED"]
+__all__ = ["ArchiveSettings", "build_archive", "build_archives", "check_controller", "register", "HANDLER_FILE",
+           "NOT_SHIPPED"]
 
 #: The handler module that goes into every archive.
 HANDLER_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "branched_handler.py")
@@ -43,6 +44,9 @@ class ArchiveSettings:
         max_pixels: largest width x height accepted, read from the image header before decoding.
         min_side: smallest width or height accepted.
         The three limits default to :class:`branched.preprocess.ImageLimits`' (10 MiB, 4096 x 4096, 8).
+        slo_p95_ms, max_drop: turn on the load controller (:mod:`branched.controller`) in the early-exit
+            archive: hold this p95 latency, never past this accuracy drop against the backbone.
+        controller: the controller's tuning (:class:`branched.controller.ControllerSettings` fields).
     """
 
     batch_size: int = 8
@@ -54,8 +58,14 @@ class ArchiveSettings:
     max_bytes: Optional[int] = None
     max_pixels: Optional[int] = None
     min_side: Optional[int] = None
+    slo_p95_ms: Optional[float] = None
+    max_drop: Optional[float] = None
+    controller: Optional[dict] = None
 
     def model_config(self, baseline: bool) -> dict:
+        control = {} if baseline or self.slo_p95_ms is None else {
+            "slo_p95_ms": self.slo_p95_ms, "max_drop": self.max_drop, **({"controller": self.controller}
+                                                                        if self.controller else {})}
         return {
             "minWorkers": self.workers,
             "maxWorkers": self.workers,
@@ -65,7 +75,7 @@ class ArchiveSettings:
             "deviceType": "cpu",
             "handler": {"baseline": baseline, "threads": self.threads,
                         **{k: v for k, v in (("max_bytes", self.max_bytes), ("max_pixels", self.max_pixels),
-                                             ("min_side", self.min_side)) if v is not None}},
+                                             ("min_side", self.min_side)) if v is not None}, **control},
         }
 
 
@@ -92,7 +102,9 @@ def build_archive(model_dir: str, out_dir: str, name: str, baseline: bool = Fals
 
     _check_name(name)
     if check:
-        load_model(model_dir)  # fail here, with a clear message, rather than in a TorchServe worker
+        model = load_model(model_dir)  # fail here, with a clear message, rather than in a TorchServe worker
+        if settings.slo_p95_ms is not None and not baseline:
+            check_controller(model.config, settings)
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="branched-archive-") as tmp:
         stage = os.path.join(tmp, "extra")
@@ -114,6 +126,22 @@ def build_archive(model_dir: str, out_dir: str, name: str, baseline: bool = Fals
         finally:
             tempfile.tempdir = saved
     return os.path.join(out_dir, f"{name}.mar")
+
+
+def check_controller(config, settings: ArchiveSettings) -> None:
+    """Refuse controller settings the model cannot honour, with the fix (what the worker would refuse later).
+
+    Raises:
+        branched.controller.ControllerError: no calibration curve, a bad or unusable ``max_drop``, bad tuning.
+    """
+    from branched.controller import ControllerSettings, OperatingPointController
+
+    if settings.max_drop is None:
+        raise ValueError("--slo-p95-ms needs --max-drop: the largest accuracy drop against the backbone the load "
+                         "controller may trade for latency, e.g. --max-drop 0.02")
+    values = {"slo_p95_ms": settings.slo_p95_ms, "max_drop": settings.max_drop,
+              "batch_size": settings.batch_size, "batch_delay_ms": settings.max_batch_delay, **(settings.controller or {})}
+    OperatingPointController(config, ControllerSettings.from_mapping(values))
 
 
 def build_archives(model_dir: str, out_dir: str, name: Optional[str] = None,
@@ -146,7 +174,9 @@ def _cmd_archive(args: argparse.Namespace) -> None:
     settings = ArchiveSettings(batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
                                workers=args.workers, response_timeout=args.response_timeout,
                                threads=args.threads, max_bytes=args.max_bytes, max_pixels=args.max_pixels,
-                               min_side=args.min_side)
+                               min_side=args.min_side, slo_p95_ms=args.slo_p95_ms, max_drop=args.max_drop)
+    if args.max_drop is not None and args.slo_p95_ms is None:
+        raise ValueError("--max-drop is the load controller's accuracy floor: give --slo-p95-ms too")
     for path in build_archives(args.model_dir, args.out, args.name, settings, baseline=not args.no_baseline):
         print(path)
 
@@ -162,6 +192,17 @@ def _count(minimum: int):
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def _positive(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def register(subparsers) -> None:
@@ -183,5 +224,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-pixels", type=_count(1),
                    help="largest width x height accepted, checked on the header (default 4096 x 4096)")
     p.add_argument("--min-side", type=_count(1), help="smallest width or height accepted (default 8)")
+    p.add_argument("--slo-p95-ms", type=_positive, help="turn on the load controller: hold this p95 latency (ms) "
+                   "by moving to cheaper calibrated points under load (needs --max-drop)")
+    p.add_argument("--max-drop", type=_positive, help="the controller's accuracy floor: largest accuracy drop "
+                   "against the backbone it may serve, e.g. 0.02 (2 points)")
     p.add_argument("--no-baseline", action="store_true", help="skip NAME-baseline.mar")
     p.set_defaults(func=_cmd_archive)

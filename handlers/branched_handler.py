@@ -3,7 +3,9 @@
 The ``.mar`` built by ``branched archive`` carries this file, the ``branched`` package and the model
 directory (``model/``); ``model-config.yaml`` holds the batching settings and a ``handler:`` section
 (``baseline``, ``threads`` and the request limits ``max_bytes``, ``max_pixels``, ``min_side`` of
-:class:`branched.preprocess.ImageLimits`, checked on the image header before the pixels are decoded).
+:class:`branched.preprocess.ImageLimits`, checked on the image header before the pixels are decoded;
+``slo_p95_ms`` and ``max_drop`` turn on the load controller, ``controller:`` tunes it; see
+:mod:`branched.controller`).
 A batch TorchServe forms is answered by one call to `branched.serving.Predictor.answer_batch`, where every request keeps its own thresholds and a bad
 request gets its own 4xx while the others are answered.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Mapping, Optional
 
 import torch
@@ -26,13 +29,15 @@ from ts.torch_handler.base_handler import BaseHandler
 
 import branched
 from branched.body import FORM_IMAGE_FIELDS
+from branched.controller import ControllerSettings, OperatingPointController
 from branched.errors import RequestError
 from branched.preprocess import ImageLimits
-from branched.routing import ROUTING_PARAMS
+from branched.routing import ROUTING_PARAMS, resolve_thresholds
 from branched.serving import Predictor, extract_image
 
 __all__ = ["BranchedHandler", "MODEL_SUBDIR", "LIMIT_SETTINGS", "METRIC_EXITS", "METRIC_COST_SUM", "METRIC_COST",
-           "METRIC_BAD", "METRIC_BATCHES"]
+           "METRIC_BAD", "METRIC_BATCHES", "CONTROLLER_SETTINGS", "METRIC_POINT", "METRIC_POINT_COST",
+           "METRIC_POINT_DROP", "METRIC_PREDICTED_P95", "METRIC_MOVES", "REQUEST_START_HEADER"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +55,21 @@ METRIC_COST = "BranchedCostFraction"
 METRIC_BAD = "BranchedBadRequests"
 #: Counter: batches handled (requests / batches = mean batch size TorchServe formed).
 METRIC_BATCHES = "BranchedBatches"
+#: ``handler:`` settings that turn the load controller on (``controller:`` holds its tuning).
+CONTROLLER_SETTINGS = ("slo_p95_ms", "max_drop")
+#: Gauge: the controller's operating point (0 = the calibrated point; higher = cheaper).
+METRIC_POINT = "BranchedOperatingPoint"
+#: Gauge: that point's expected cost fraction (calibration split).
+METRIC_POINT_COST = "BranchedOperatingCost"
+#: Gauge: that point's expected accuracy drop against the backbone (calibration split).
+METRIC_POINT_DROP = "BranchedExpectedDrop"
+#: Gauge: the controller's predicted p95 latency at that point, in ms (-1 until it can predict; 1e6: saturated).
+METRIC_PREDICTED_P95 = "BranchedPredictedP95"
+#: Counter: operating-point moves (dimension ``Direction``: ``down`` = cheaper, ``up``).
+METRIC_MOVES = "BranchedPointMoves"
+#: Optional request header with the time the request entered the system (a proxy's or client's clock on
+#: this host): ``t=1700000000.123`` (s), or ms / us since the epoch. Gives the controller measured latencies.
+REQUEST_START_HEADER = "x-request-start"
 
 _PHRASES = {400: "Bad Request", 413: "Payload Too Large", 415: "Unsupported Media Type"}
 
@@ -78,16 +98,51 @@ class BranchedHandler(BaseHandler):
         self.predictor = Predictor(model_dir, baseline=bool(settings.get("baseline", False)), limits=limits)
         self.model = self.predictor.model
         self.model_name = context.model_name
+        self.controller = _controller(settings, yaml_config, self.predictor)
+        self._point: Optional[torch.Tensor] = None  # the controller's thresholds for this batch
+        self._point_cache: dict[int, torch.Tensor] = {}
+        self._moves = {"down": 0, "up": 0}
         self.initialized = True
         logger.info("branched handler: %s from %s (branched package at %s), %d exits, %d torch threads",
                     "baseline" if settings.get("baseline") else "early-exit model", model_dir,
                     os.path.dirname(branched.__file__), self.model.num_exits, threads)
+        if self.controller is not None:
+            c = self.controller
+            logger.info("branched handler: load controller on: p95 target %g ms, max drop %g (%s); %d points from "
+                        "cost %.3f (calibrated) to %.3f (floor, expected drop %.4f)", c.settings.slo_p95_ms,
+                        c.settings.max_drop, c.settings.basis, len(c.points), c.points[0].cost_fraction,
+                        c.floor.cost_fraction, c.floor.drop)
+
+    def handle(self, data: list[Mapping[str, Any]], context) -> list[Any]:
+        """BaseHandler's handle; with a load controller, the batch runs at the controller's point (requests
+        with their own thresholds keep them) and its size, time and realised cost feed the controller."""
+        if getattr(self, "controller", None) is None:
+            return super().handle(data, context)
+        start = time.monotonic()
+        point = self.controller.update()
+        self._point = self._point_cache.get(point.index)
+        if self._point is None:
+            self._point = self._point_cache[point.index] = resolve_thresholds(list(point.thresholds),
+                                                                              self.predictor.config.thresholds)
+        self._batch_cost: Optional[float] = None
+        self._starts: list[float] = []
+        output = super().handle(data, context)
+        self.controller.observe_batch(len(data), time.monotonic() - start, self._batch_cost)
+        if self._starts:
+            now = time.time()
+            self.controller.observe_latencies([max(0.0, now - t) for t in self._starts])
+        self._controller_metrics()
+        return output
 
     def preprocess(self, data: list[Mapping[str, Any]]) -> list[Any]:
         """Each request -> ``(image bytes, routing params)`` or the :class:`RequestError` it earned."""
         requests: list[Any] = []
         for idx, row in enumerate(data):
             headers = self._headers(idx)
+            if getattr(self, "controller", None) is not None and REQUEST_START_HEADER in headers:
+                started = _request_start(headers[REQUEST_START_HEADER])
+                if started is not None:
+                    self._starts.append(started)
             try:
                 requests.append((self._image(row, headers), _routing_params(row, headers)))
             except RequestError as exc:
@@ -98,7 +153,7 @@ class BranchedHandler(BaseHandler):
         """Answer the well-formed requests in one routed batch; errors pass through in place."""
         good = [i for i, r in enumerate(requests) if not isinstance(r, RequestError)]
         results: list[Any] = list(requests)
-        for i, answer in zip(good, self.predictor.answer_batch([requests[i] for i in good])):
+        for i, answer in zip(good, self.predictor.answer_batch([requests[i] for i in good], self._point)):
             results[i] = answer
         return results
 
@@ -121,12 +176,31 @@ class BranchedHandler(BaseHandler):
         for k, n in sorted(exits.items()):
             self._count(METRIC_EXITS, n, [Dimension("Exit", str(k))])
         if costs:
+            self._batch_cost = sum(costs) / len(costs)
             self._count(METRIC_COST_SUM, sum(costs), [])
             self.context.metrics.add_metric(METRIC_COST, sum(costs) / len(costs), "Fraction", None,
                                             self._dims([]), MetricTypes.GAUGE)
         return out
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _controller_metrics(self) -> None:
+        state = self.controller.state()
+        for name, value, unit in ((METRIC_POINT, state["index"], "Count"),
+                                  (METRIC_POINT_COST, state["cost_fraction"], "Fraction"),
+                                  (METRIC_POINT_DROP, state["expected_drop"], "Fraction"),
+                                  (METRIC_PREDICTED_P95, state.get("predicted_p95_ms") or -1.0, "ms")):
+            value = -1.0 if value is None else min(float(value), 1e6)  # 1e6 ms: saturated, no finite p95
+            self.context.metrics.add_metric(name, value, unit, None, self._dims([]), MetricTypes.GAUGE)
+        for direction in ("down", "up"):
+            n = state[f"moves_{direction}"] - self._moves[direction]
+            if n:
+                self._count(METRIC_MOVES, n, [Dimension("Direction", direction)])
+                self._moves[direction] += n
+                logger.info("branched controller: moved %s to point %d (cost %.3f, expected drop %.4f): %s",
+                            direction, state["index"], state["cost_fraction"], state["expected_drop"],
+                            {k: state.get(k) for k in ("arrival_rate", "busy", "saturated", "predicted_p95_ms",
+                                                       "observed_p95_ms")})
 
     def _dims(self, extra: list[Dimension]) -> list[Dimension]:
         # Explicit list every time: the metrics API appends defaults to a shared mutable default otherwise.
@@ -169,6 +243,31 @@ def _routing_params(row: Mapping[str, Any], headers: Mapping[str, str]) -> dict[
         if value is not None:
             params[key] = value if isinstance(value, str) else str(value)
     return params
+
+
+def _controller(settings: Mapping[str, Any], yaml_config: Mapping[str, Any],
+                predictor: Predictor) -> Optional[OperatingPointController]:
+    """The load controller the ``handler:`` settings ask for (None without ``slo_p95_ms`` or for a baseline).
+
+    Raises:
+        branched.controller.ControllerError: bad settings, or a model without a usable calibration curve.
+    """
+    if settings.get("slo_p95_ms") is None or settings.get("baseline"):
+        return None
+    values = {k: settings.get(k) for k in CONTROLLER_SETTINGS}
+    values.update({"batch_size": int(yaml_config.get("batchSize") or 1),
+                   "batch_delay_ms": float(yaml_config.get("maxBatchDelay") or 0)})
+    values.update(settings.get("controller") or {})  # tuning: ControllerSettings fields
+    return OperatingPointController(predictor.config, ControllerSettings.from_mapping(values))
+
+
+def _request_start(value: str) -> Optional[float]:
+    """``X-Request-Start`` (``t=`` optional; seconds, ms or us since the epoch) -> epoch seconds, or None."""
+    try:
+        t = float(value.strip().removeprefix("t="))
+    except ValueError:
+        return None
+    return t / 1e6 if t > 1e14 else t / 1e3 if t > 1e11 else t
 
 
 def _default_threads(yaml_config: Mapping[str, Any]) -> int:

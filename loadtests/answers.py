@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from branched.routing import exit_score
+from branched.routing import exit_score, resolve_thresholds
 from branched.serving import Predictor
 
 __all__ = ["write_expected", "LogRow", "read_log", "percentile", "per_window", "recovery", "BORDERLINE"]
@@ -26,7 +26,8 @@ __all__ = ["write_expected", "LogRow", "read_log", "percentile", "per_window", "
 BORDERLINE = 1e-5
 
 
-def write_expected(model_dir: str, pool_dir: str, out_path: str, baseline: bool = False) -> str:
+def write_expected(model_dir: str, pool_dir: str, out_path: str, baseline: bool = False,
+                   thresholds: Optional[Sequence[float]] = None) -> str:
     """Write ``{image file: {class_index, exit, confidence, borderline}}`` for every PNG of ``pool_dir``.
 
     Args:
@@ -34,8 +35,12 @@ def write_expected(model_dir: str, pool_dir: str, out_path: str, baseline: bool 
         pool_dir: the request pool (``loadtests.harness.write_pool``).
         out_path: the JSON file to write; returned.
         baseline: answers of the plain backbone (the servers' baseline endpoints).
+        thresholds: the early exits' thresholds to answer at (default: the model's own), e.g. an operating
+            point of the load controller.
     """
     predictor = Predictor(model_dir, baseline=baseline)
+    if thresholds is not None:
+        predictor.default_thresholds = resolve_thresholds(list(thresholds), predictor.config.thresholds)
     names = sorted(n for n in os.listdir(pool_dir) if n.endswith(".png"))
     expected = {}
     for name in names:
@@ -79,13 +84,17 @@ class LogRow:
     exit: Optional[int]
     latency_ms: float
     error: str
+    correct: Optional[bool] = None  # the answer's class against the pool label (logs that record it)
+    cost_fraction: Optional[float] = None
 
 
 def read_log(path: str) -> list[LogRow]:
     """The rows of an ``--answers-log`` CSV, by end time."""
     with open(path, newline="") as f:
         rows = [LogRow(float(r["start"]), float(r["end"]), r["image"], r["ok"] == "1", r["mismatch"] == "1",
-                       int(r["exit"]) if r["exit"] not in ("", None) else None, float(r["latency_ms"]), r["error"])
+                       int(r["exit"]) if r["exit"] not in ("", None) else None, float(r["latency_ms"]), r["error"],
+                       None if r.get("correct") in ("", None) else r["correct"] == "1",
+                       None if r.get("cost_fraction") in ("", None) else float(r["cost_fraction"]))
                 for r in csv.DictReader(f)]
     return sorted(rows, key=lambda r: r.end)
 

@@ -1,7 +1,9 @@
 """Is an answer its own request's? Plain Python, so the locustfile and the runner share it."""
 from __future__ import annotations
 
-__all__ = ["check_answer", "CONFIDENCE_TOL"]
+from typing import Union
+
+__all__ = ["check_answer", "check_any", "CONFIDENCE_TOL"]
 
 CONFIDENCE_TOL = 1e-4  # batch-size float noise is ~1e-7; another image's answer differs far more
 
@@ -23,3 +25,13 @@ def check_answer(answer: dict, expected: dict) -> str:
     return (f"class {answer['class_index']} exit {answer['exit']} confidence {float(answer['confidence']):.5f}, "
             f"expected class {expected['class_index']} exit {expected['exit']} "
             f"confidence {expected['confidence']:.5f}")
+
+
+def check_any(answer: dict, expected: Union[dict, list]) -> str:
+    """:func:`check_answer` against one expected answer, or against a list of them (the image's answers at
+    every operating point a load controller may serve): '' when any matches, else 'borderline' when any
+    is borderline, else what differs from the first."""
+    if isinstance(expected, dict):
+        return check_answer(answer, expected)
+    results = [check_answer(answer, e) for e in expected]
+    return "" if "" in results else "borderline" if "borderline" in results else results[0]

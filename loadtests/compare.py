@@ -18,6 +18,7 @@ from branched.artifact import load_config
 
 from .harness import SERVERS, VARIANTS, add_load_arguments, drive, make_pool, run_command, say, serve
 from .report import comparison, read_run, write_report
+from .stepload import add_step_arguments, print_step_summary, run_step
 
 __all__ = ["compare", "register", "main"]
 
@@ -76,6 +77,10 @@ def print_summary(report: dict) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.shape == "step":
+        run_command(args, "step-load test", lambda out: run_step(args, out), print_step_summary,
+                    os.path.join("reports", f"{args.server}-step"), "report.json")
+        return
     run_command(args, "load test", lambda out: compare(
         args.server, args.model_dir, out, args.users, args.duration, args.pool_size, args.server_cpus, args.batch_size,
         args.max_batch_delay), print_summary, os.path.join("reports", args.server), "report.json")
@@ -84,7 +89,8 @@ def _run(args: argparse.Namespace) -> None:
 def register(subparsers) -> None:
     """``branched loadtest``: the same as ``python -m loadtests.compare``."""
     p = subparsers.add_parser("loadtest", help="Locust: early-exit model against the plain backbone on a server")
-    add_load_arguments(p, "30s", "reports/SERVER")
+    add_load_arguments(p, "30s", "reports/SERVER (step: reports/SERVER-step)")
+    add_step_arguments(p)
     p.set_defaults(func=_run)
 
 

@@ -163,7 +163,7 @@ class Target:
 
 @contextlib.contextmanager
 def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] = None, batch_size: int = 8,
-          max_batch_delay: int = 10, baseline: bool = True) -> Iterator[Target]:
+          max_batch_delay: int = 10, baseline: bool = True, control: Optional[dict] = None) -> Iterator[Target]:
     """Start ``server`` with the early-exit model (and its baseline) on its own CPUs; stop it on exit.
 
     Args:
@@ -175,6 +175,8 @@ def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] 
             Ray Serve @serve.batch max_batch_size/batch_wait_timeout_s).
         baseline: also serve the plain backbone (TorchServe: ``MODEL-baseline.mar``; Ray Serve always
             runs the baseline app at ``/baseline``).
+        control: the early-exit model's load controller, ``{"slo_p95_ms", "max_drop", "controller"}``
+            (TorchServe: model-config.yaml; Ray Serve: the staged app's args); None: off.
     """
     if server not in SERVERS:
         raise ValueError(f"--server must be one of {SERVERS}, got {server!r}")
@@ -185,7 +187,7 @@ def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] 
         store = os.path.join(out_dir, "archives")
         say(f"archiving {model_dir} -> {store}/{MODEL}.mar" + (f" and {MODEL}-baseline.mar" if baseline else ""))
         build_archives(model_dir, store, MODEL, ArchiveSettings(batch_size=batch_size, max_batch_delay=max_batch_delay,
-                                                                workers=1), baseline=baseline)
+                                                                workers=1, **(control or {})), baseline=baseline)
         models = {MODEL: f"{MODEL}.mar", **({f"{MODEL}-baseline": f"{MODEL}-baseline.mar"} if baseline else {})}
         workdir = tempfile.mkdtemp(prefix="branched-ts-")
         say(f"starting TorchServe on CPUs {sorted(server_set)} (logs in {workdir}/logs)")
@@ -196,7 +198,7 @@ def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] 
     else:
         say(f"starting Ray Serve on CPUs {sorted(server_set)}")
         with RayServe(model_dir, cpus=server_set, max_batch_size=batch_size,
-                      batch_wait_timeout_s=max_batch_delay / 1000.0) as rs:
+                      batch_wait_timeout_s=max_batch_delay / 1000.0, staged_args=control) as rs:
             yield Target(server, rs.url, {"early_exit": "/predict", "baseline": "/baseline/predict"}, rs.proc.pid, rs,
                          load_set, server_set)
         say("Ray Serve stopped")
@@ -216,15 +218,16 @@ def warm_up(url: str, images: Sequence[bytes], rounds: int = 2, timeout: float =
 
 
 def run_locust(host: str, predict_path: str, pool: str, out_prefix: str, users: int, duration: str,
-               cpus: set[int], query: str = "", extra: Sequence[str] = ()) -> str:
+               cpus: set[int], query: str = "", extra: Sequence[str] = (), shape: str = "") -> str:
     """Run Locust headless against ``host``; returns the tally JSON path (see the locustfile).
 
     Writes Locust's own ``<prefix>_stats.csv``, ``_stats_history.csv``, ``_failures.csv`` and an
     HTML report ``<prefix>.html``. ``extra``: more locustfile options, e.g. ``["--expected", FILE]``.
+    ``shape``: a Locust file with a load shape (e.g. ``loadtests/stepshape.py``; its options go in ``extra``).
     """
     tally = f"{out_prefix}_answers.json"
     locust = os.path.join(os.path.dirname(sys.executable), "locust")
-    cmd = [locust, "-f", LOCUSTFILE, "--headless", "--host", host, "-u", str(users), "-r", str(users),
+    cmd = [locust, "-f", LOCUSTFILE + (f",{shape}" if shape else ""), "--headless", "--host", host, "-u", str(users), "-r", str(users),
            "-t", duration, "--csv", out_prefix, "--csv-full-history", "--html", f"{out_prefix}.html",
            "--only-summary", "--stop-timeout", "10", "--loglevel", "WARNING",
            "--pool", pool, "--predict-path", predict_path, "--answers-out", tally]
@@ -232,7 +235,10 @@ def run_locust(host: str, predict_path: str, pool: str, out_prefix: str, users: 
         cmd += ["--query", query]
     cmd += list(extra)
     started = time.monotonic()
-    proc = subprocess.run(cmd, preexec_fn=pinned(cpus), capture_output=True, text=True)
+    # The locustfile imports the loadtests package it sits in (not another checkout's).
+    root = os.path.dirname(os.path.dirname(LOCUSTFILE))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(cmd, preexec_fn=pinned(cpus), capture_output=True, text=True, env=env)
     # Locust exits 1 when any request failed; the report counts failures, so only a crash is an error.
     if not os.path.isfile(tally) or not os.path.isfile(f"{out_prefix}_stats.csv"):
         raise RuntimeError(f"locust did not finish (exit {proc.returncode} after {time.monotonic() - started:.0f}s):\n"

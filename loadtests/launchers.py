@@ -230,16 +230,19 @@ class RayServe:
         port: HTTP port on 127.0.0.1 (default: a free one).
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings of every stage and the baseline.
         log_path: where the child's output goes (default: a file in the temp dir).
+        staged_args: more args of the staged app, e.g. the load controller's ``slo_p95_ms`` and ``max_drop``.
     """
 
     def __init__(self, model_dir: str, cpus: Optional[set[int]] = None, port: Optional[int] = None,
-                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, log_path: Optional[str] = None) -> None:
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, log_path: Optional[str] = None,
+                 staged_args: Optional[Mapping[str, Any]] = None) -> None:
         self.model_dir = os.path.abspath(model_dir)
         self.cpus = cpus
         self.port = port or free_port()
         self.batch = (max_batch_size, batch_wait_timeout_s)
         self.log_path = log_path or os.path.join("/tmp", f"branched-ray-{self.port}.log")
         self.proc: Optional[subprocess.Popen] = None
+        self.staged_args = dict(staged_args or {})
 
     @property
     def url(self) -> str:
@@ -257,7 +260,7 @@ class RayServe:
         n_cpus = len(self.cpus) if self.cpus else len(os.sched_getaffinity(0))
         cmd = [sys.executable, "-m", "ray_app.server", "--model-dir", self.model_dir, "--port", str(self.port),
                "--num-cpus", str(n_cpus), "--max-batch-size", str(self.batch[0]),
-               "--batch-wait-timeout-s", str(self.batch[1])]
+               "--batch-wait-timeout-s", str(self.batch[1]), "--staged-args", json.dumps(self.staged_args)]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,

@@ -5,11 +5,22 @@ Options (added to Locust's own command line):
                        by ``loadtests.compare`` from the test split, so the exit mix is the real one
   --predict-path PATH  e.g. ``/predictions/demo`` (TorchServe) or ``/predict`` (Ray Serve)
   --query QS           routing parameters sent with every request, e.g. ``budget=0.5``
+  --header NAME=VALUE  a header sent with every request (repeatable), e.g. ``thresholds=0.9,inf``: routing
+                       parameters as headers reach the handler on both servers (TorchServe's
+                       ``/predictions`` hands a handler no query string)
+  --stamp              send ``X-Request-Start: t=<epoch seconds>`` (what a proxy stamps): a TorchServe
+                       handler with a load controller then learns each request's latency
   --answers-out FILE   where to write the tally of answers (exit mix, cost, served accuracy) at stop
   --expected FILE      each pool image's own answer, computed offline (``loadtests.answers``): every
                        200 answer must carry its image's class_index, exit and confidence, else it
                        counts as a Locust failure and a mismatch (another request's answer)
-  --answers-log FILE   one CSV row per request at stop: start/end time, image, ok, mismatch, latency
+                       (a list per image: its answers at every operating point a load controller may
+                       serve, any of which is accepted)
+  --answers-log FILE   one CSV row per request at stop: start/end time, image, ok, mismatch, latency,
+                       class, correct (against the pool label), cost fraction
+  --pace R             each user sends R requests/s (Poisson: exponential periods of mean 1/R; a late answer
+                       makes the next request leave at once); 0: as fast as answers come back. A load shape
+                       with ``next_send()`` (``loadtests/stepshape.py``) paces the users instead.
 
 Every request names its pool image in the ``X-Pool-Image`` header (servers ignore it; it ties a server
 log line to a request). An answer that is not JSON with the contract's keys counts as a Locust failure.
@@ -26,15 +37,17 @@ import random
 import time
 from collections import Counter
 
-from locust import FastHttpUser, constant, events, task
+import gevent
+from locust import FastHttpUser, events, task
 
-from loadtests.checks import check_answer
+from loadtests.checks import check_any
 
 ANSWER_KEYS = ("class_index", "label", "confidence", "exit", "cost_fraction")
 POOL: list[tuple[str, bytes, int]] = []
 EXPECTED: dict[str, dict] = {}
 LOG: list[tuple] = []
-LOG_HEADER = ("start", "end", "image", "ok", "mismatch", "exit", "latency_ms", "error")
+LOG_HEADER = ("start", "end", "image", "ok", "mismatch", "exit", "latency_ms", "error", "class_index", "correct",
+              "cost_fraction")
 TALLY: dict = {"answers": 0, "correct": 0, "cost_fraction_sum": 0.0, "exits": Counter(), "mismatches": 0,
                "borderline": 0}
 
@@ -44,9 +57,12 @@ def _add_options(parser) -> None:
     parser.add_argument("--pool", default="reports/pool", help="folder of PNGs + labels.json")
     parser.add_argument("--predict-path", default="/predict", help="endpoint path of the classifier")
     parser.add_argument("--query", default="", help="routing parameters for every request, e.g. budget=0.5")
+    parser.add_argument("--header", action="append", default=[], help="NAME=VALUE header for every request")
+    parser.add_argument("--stamp", action="store_true", help="send X-Request-Start with each request's send time")
     parser.add_argument("--answers-out", default="", help="JSON file for the tally of answers")
     parser.add_argument("--expected", default="", help="JSON file: each pool image's own answer")
     parser.add_argument("--answers-log", default="", help="CSV file: one row per request")
+    parser.add_argument("--pace", type=float, default=0.0, help="requests/s per user (0: closed loop)")
 
 
 @events.init.add_listener
@@ -76,7 +92,8 @@ def _log_request(context=None, start_time=None, response_time=0.0, exception=Non
     context = context or {}
     LOG.append((start_time, time.time(), context.get("image", ""), int(exception is None),
                 int(context.get("mismatch", False)), context.get("exit", ""), round(response_time, 2),
-                str(exception or "")[:120].replace("\n", " ")))
+                str(exception or "")[:120].replace("\n", " "), context.get("class_index", ""),
+                context.get("correct", ""), context.get("cost_fraction", "")))
 
 
 @events.test_stop.add_listener
@@ -99,18 +116,41 @@ def _write_tally(environment, **_) -> None:
 
 
 class ClassifierUser(FastHttpUser):
-    """Posts one random image of the pool at a time, as fast as answers come back."""
-
-    wait_time = constant(0)
+    """Posts one random image of the pool at a time, as fast as answers come back (or at ``--pace``)."""
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         self.path = opts.predict_path + (f"?{opts.query}" if opts.query else "")
+        self.headers = {"Content-Type": "image/png", **dict(h.split("=", 1) for h in opts.header)}
+        self.due = self._clock()
+        gevent.sleep(self.wait_time())  # paced: a random phase (users spawned together must not send together)
+
+    def _clock(self) -> float:
+        shape = self.environment.shape_class
+        return shape.get_run_time() if hasattr(shape, "next_send") else time.monotonic()
+
+    def wait_time(self) -> float:
+        """0 in a closed loop; paced: until the next request is due (Poisson arrivals per user at ``--pace`` or
+        at the shape's rate, ``next_send``); a late answer makes the next request leave at once (no catching up)."""
+        shape, now = self.environment.shape_class, self._clock()
+        if hasattr(shape, "next_send"):
+            due = shape.next_send(self.due)
+            if due is None:  # after the shape's last step: nothing more to send
+                return 1.0
+        elif self.environment.parsed_options.pace > 0:
+            due = self.due + random.expovariate(self.environment.parsed_options.pace)
+        else:
+            return 0.0
+        self.due = max(now, due)
+        return self.due - now
 
     @task
     def predict(self) -> None:
         name, image, label = random.choice(POOL)
-        with self.client.post(self.path, data=image, headers={"Content-Type": "image/png", "X-Pool-Image": name},
+        headers = {**self.headers, "X-Pool-Image": name}
+        if self.environment.parsed_options.stamp:
+            headers["X-Request-Start"] = f"t={time.time():.6f}"
+        with self.client.post(self.path, data=image, headers=headers,
                               name="predict", catch_response=True, context={"image": name}) as resp:
             context = resp.request_meta["context"]  # the session merges it into a new dict; the log reads this one
             if resp.status_code != 200:
@@ -125,9 +165,10 @@ class ClassifierUser(FastHttpUser):
             if missing:
                 resp.failure(f"answer lacks {missing}: {str(answer)[:200]}")
                 return
-            context["exit"] = answer["exit"]
+            context.update(exit=answer["exit"], class_index=answer["class_index"],
+                           correct=int(answer["class_index"] == label), cost_fraction=answer["cost_fraction"])
             if name in EXPECTED:
-                wrong = check_answer(answer, EXPECTED[name])
+                wrong = check_any(answer, EXPECTED[name])
                 if wrong == "borderline":
                     TALLY["borderline"] += 1
                 elif wrong:

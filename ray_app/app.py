@@ -6,7 +6,8 @@ Staged app (``staged_app``)::
                           decode, batch       segment 0 + exit 0  (a batch's survivors, one call)
 
 * ``Ingress`` turns the body into an image tensor and per-request thresholds
-  (:meth:`branched.serving.Predictor.prepare`); ``@serve.batch`` gathers concurrent requests and
+  (:meth:`branched.serving.Predictor.prepare`; with ``slo_p95_ms`` set, a load controller picks the
+  thresholds of requests that name none, :mod:`ray_app.control`); ``@serve.batch`` gathers concurrent requests and
   sends them to stage 0 as one :class:`Samples` (one handle call per batch, not per request).
 * ``Stage{k}`` holds backbone segment ``k`` and exit ``k``. ``@serve.batch`` merges the calls that
   arrive while it computes (up to ``max_batch_size`` samples); one ``model.step(k, ...)`` (the core's
@@ -27,6 +28,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from typing import Any, Awaitable, Callable, Optional, Union
 
 import torch
@@ -39,10 +41,11 @@ from ray.serve.handle import DeploymentHandle
 from branched.artifact import load_config, load_model
 from branched.errors import RequestError
 from branched.preprocess import ImageLimits
-from branched.routing import ROUTING_PARAMS, thresholds_from_params
+from branched.routing import ROUTING_PARAMS
 from branched.serving import Predictor, Prepared, extract_image
 
 from .batching import Forwarded, Samples, num_samples, resolve, set_batching
+from .control import IngressControl, controller_for, replica_id
 from .planner import calibrated_exit_rates, stage_flops, work_shares
 
 __all__ = ["Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app"]
@@ -80,8 +83,10 @@ def routing_params(request: Request) -> dict[str, str]:
     return params
 
 
-async def prepare_request(predictor: Predictor, request: Request) -> Prepared:
-    """Body -> image bytes -> :class:`Prepared` (decoding runs in a thread, off the event loop).
+async def prepare_request(predictor: Predictor, request: Request,
+                          default: Optional[torch.Tensor] = None) -> Prepared:
+    """Body -> image bytes -> :class:`Prepared` (decoding runs in a thread, off the event loop); ``default``:
+    the thresholds of a request that names none (the load controller's point; None: the app-wide ones).
 
     Raises:
         RequestError: an oversized, malformed or non-image body, or bad routing parameters.
@@ -92,7 +97,7 @@ async def prepare_request(predictor: Predictor, request: Request) -> Prepared:
         raise RequestError(f"body is {length} bytes; the image limit is {limit} bytes", 413)
     body = await request.body()
     image = extract_image(body, request.headers.get("content-type", ""))
-    return await asyncio.to_thread(predictor.prepare, image, routing_params(request))
+    return await asyncio.to_thread(predictor.prepare, image, routing_params(request), default)
 
 
 def error_response(exc: RequestError) -> JSONResponse:
@@ -105,12 +110,12 @@ def _server_error(exc: Exception) -> JSONResponse:
                         status_code=500)
 
 
-async def answer_request(predictor: Predictor, request: Request,
-                         answer: Callable[[Prepared], Awaitable[Any]]) -> Any:
+async def answer_request(predictor: Predictor, request: Request, answer: Callable[[Prepared], Awaitable[Any]],
+                         default: Optional[torch.Tensor] = None) -> Any:
     """Decode a request, answer it with ``answer``; a 4xx for a bad request, a JSON 500 (never a hang)
-    when answering fails."""
+    when answering fails. ``default`` as in :func:`prepare_request`."""
     try:
-        prepared = await prepare_request(predictor, request)
+        prepared = await prepare_request(predictor, request, default)
     except RequestError as exc:
         return error_response(exc)
     try:
@@ -147,7 +152,7 @@ class Stage:
         if next_stage is None and not self.last:
             raise ValueError(f"stage {k} of {model.num_exits} needs a handle to stage {k + 1}")
         self.next = next_stage
-        self.counts = {"samples": 0, "exited": 0, "forwarded": 0, "batches": 0, "max_batch": 0}
+        self.counts = {"samples": 0, "exited": 0, "forwarded": 0, "batches": 0, "max_batch": 0, "busy_s": 0.0}
         self.samples_metric = metrics.Counter(
             "branched_stage_samples", description="Samples a stage received, answered (exited) or sent on.",
             tag_keys=("stage", "outcome"))
@@ -170,7 +175,9 @@ class Stage:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=num_samples)
     async def run_batch(self, calls: list[Samples]) -> list[list[Any]]:
         # Torch releases the GIL; running it in a thread keeps the event loop (and batching) live.
+        start = time.monotonic()
         results, survivors = await asyncio.to_thread(self._step, Samples.cat(calls))
+        self.counts["busy_s"] += time.monotonic() - start  # the ingress's load controller reads it
         if survivors is not None:  # one call to the next stage for the whole batch's survivors
             forwarded = Forwarded(self.next, survivors[1])
             for j, i in enumerate(survivors[0]):
@@ -211,9 +218,11 @@ class Stage:
             self.samples_metric.inc(forwarded, tags={"stage": stage, "outcome": "forwarded"})
         self.batch_metric.observe(n, tags={"stage": stage})
 
-    def stats(self) -> dict[str, int]:
-        """This replica's counters: samples received, exited, forwarded; batches; largest batch."""
-        return {"stage": self.k, **self.counts}
+    def stats(self) -> dict[str, Any]:
+        """This replica's counters: samples received, exited, forwarded; batches; largest batch; seconds
+        busy computing (``busy_s``, at monotonic ``time``); its ``replica`` id and the ``next`` deployment."""
+        return {"stage": self.k, **self.counts, "time": time.monotonic(), "replica": replica_id(),
+                "next": None if self.next is None else self.next.deployment_name}
 
 
 # ---------------------------------------------------------------------------------------------- ingress
@@ -228,26 +237,37 @@ class Ingress:
     Args:
         model_dir: the model directory (for its preprocessing, limits and thresholds).
         stage0: handle to the first stage.
+        control: the load controller's ``slo_p95_ms``, ``max_drop``, ``controller`` (:mod:`ray_app.control`).
     """
 
     def __init__(self, model_dir: str, stage0: DeploymentHandle, max_batch_size: int = 32,
-                 batch_wait_timeout_s: float = 0.005, limits: ImageLimits = ImageLimits()) -> None:
+                 batch_wait_timeout_s: float = 0.005, limits: ImageLimits = ImageLimits(),
+                 control: Optional[dict[str, Any]] = None) -> None:
         torch.set_num_threads(_replica_threads())
         self.predictor = Predictor(model_dir, optimize=False, limits=limits)
         self.calibrated = self.predictor.default_thresholds
         self.stage0 = stage0
         set_batching(self.dispatch, {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
+        self.control = IngressControl(self.predictor.config, control, max_batch_size, 1e3 * batch_wait_timeout_s,
+                                      stage0)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """``user_config``: app-wide ``thresholds`` (list or "0.9,0.8"), ``threshold`` or ``budget``;
-        ``{}`` restores the model's calibrated thresholds."""
-        thresholds = thresholds_from_params(config or {}, self.predictor.config)
+        """``user_config``: app-wide ``thresholds`` (list or "0.9,0.8"), ``threshold`` or ``budget``, or the
+        load controller's ``slo_p95_ms``, ``max_drop``, ``controller`` (over the app args'; ``slo_p95_ms: null``
+        turns it off); ``{}`` restores the calibrated thresholds and the app args' controller."""
+        thresholds = self.control.reconfigure(config)
         self.predictor.default_thresholds = self.calibrated if thresholds is None else thresholds
         logger.info("app thresholds: %s", self.predictor.default_thresholds.tolist())
 
     @staged_api.api_route("/predict", methods=["POST", "PUT"])  # PUT: `curl -T img.png`, as TorchServe
     async def predict(self, request: Request) -> Any:
-        return await answer_request(self.predictor, request, self._answer)
+        return await self.control.serve(
+            lambda: answer_request(self.predictor, request, self._answer, self.control.default()))
+
+    @staged_api.get("/controller")
+    def controller_state(self) -> dict[str, Any]:
+        """The load controller's point, its accuracy cost and the load behind it (``{"on": false}`` when off)."""
+        return self.control.state()
 
     async def _answer(self, prepared: Prepared) -> dict[str, Any]:
         forwarded, j = await self.dispatch(prepared)
@@ -319,14 +339,24 @@ class AppArgs(BaseModel):
     max_pixels: int = Field(ImageLimits.max_pixels, ge=1, description="largest width x height, read from the "
                             "image header before decoding")
     min_side: int = Field(ImageLimits.min_side, ge=1, description="smallest width or height accepted")
+    # The ingress's load controller (ray_app/control.py): p95 target (ms), accuracy floor, tuning.
+    slo_p95_ms: Optional[float] = Field(None, gt=0, description="hold this p95 latency (ms): turns the controller on")
+    max_drop: Optional[float] = Field(None, gt=0, lt=1, description="largest accuracy drop it may serve, e.g. 0.02")
+    controller: dict[str, Any] = Field(default_factory=dict, description="ControllerSettings fields, e.g. hold_s")
 
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits(self.max_bytes, self.max_pixels, self.min_side)
 
+    @property
+    def control(self) -> dict[str, Any]:
+        return {"slo_p95_ms": self.slo_p95_ms, "max_drop": self.max_drop, "controller": self.controller}
+
     @model_validator(mode="after")
     def _check(self) -> "AppArgs":
         self.model_dir = os.path.abspath(os.path.expanduser(self.model_dir))
+        if self.max_drop is not None and self.slo_p95_ms is None:
+            raise ValueError("max_drop is the load controller's accuracy floor: give slo_p95_ms too")
         if self.max_ongoing_requests < self.max_batch_size:
             raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
                              f"({self.max_batch_size}): a replica never sees more requests at once")
@@ -346,6 +376,7 @@ def staged_app(args: AppArgs) -> serve.Application:
     """
     args = _args(args)
     config = load_config(args.model_dir)  # fails early, with the fix, on a wrong path
+    controller_for(config, args.control, args.max_batch_size, 1e3 * args.batch_wait_timeout_s)  # and here
     stages = len(config.exits) + 1
     _, shares = work_shares(stage_flops(config), calibrated_exit_rates(config))
     nxt = None
@@ -355,7 +386,7 @@ def staged_app(args: AppArgs) -> serve.Application:
             ray_actor_options={"num_cpus": max(0.01, round(args.num_cpus * shares[k], 2))},
         ).bind(args.model_dir, k, nxt, args.max_batch_size, args.batch_wait_timeout_s)
     return Ingress.options(max_ongoing_requests=args.max_ongoing_requests).bind(
-        args.model_dir, nxt, args.max_batch_size, args.batch_wait_timeout_s, args.limits)
+        args.model_dir, nxt, args.max_batch_size, args.batch_wait_timeout_s, args.limits, args.control)
 
 
 def baseline_app(args: AppArgs) -> serve.Application:

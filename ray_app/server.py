@@ -8,6 +8,7 @@ starts it as a child process (:class:`loadtests.launchers.RayServe`).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -25,6 +26,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--object-store-mb", type=int, default=256)
+    p.add_argument("--staged-args", type=json.loads, default={},
+                   help='more staged-app args as JSON, e.g. \'{"slo_p95_ms": 200, "max_drop": 0.02}\'')
     args = p.parse_args(argv)
 
     # A new HTTP proxy gets 5 s to report ready by default; on a small, busy machine importing it takes longer.
@@ -47,7 +50,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         common = {"model_dir": args.model_dir, "max_batch_size": args.max_batch_size,
                   "batch_wait_timeout_s": args.batch_wait_timeout_s}
         # The stages share the CPUs by work (the app's own split); the baseline replica may use them all.
-        serve.run(staged_app({**common, "num_cpus": args.num_cpus}), name="staged", route_prefix="/")
+        serve.run(staged_app({**common, "num_cpus": args.num_cpus, **args.staged_args}), name="staged",
+                  route_prefix="/")
         serve.run(baseline_app({**common, "num_cpus": min(1.0, args.num_cpus)}), name="baseline",
                   route_prefix="/baseline")
         print(f"serving on http://127.0.0.1:{args.port} (POST /predict, POST /baseline/predict)", flush=True)

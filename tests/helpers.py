@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -27,8 +28,8 @@ from branched.preprocess import Preprocessor
 from branched.routing import exit_score
 from loadtests.launchers import free_port, wait_for
 
-__all__ = ["make_model", "between", "median_thresholds", "save_mnist_model", "png", "free_port", "wait_for",
-           "metrics", "metric", "readme_curls", "run_curl"]
+__all__ = ["make_model", "between", "median_thresholds", "save_mnist_model", "save_ladder_model", "png", "free_port",
+           "wait_for", "metrics", "metric", "readme_curls", "run_curl"]
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -77,6 +78,22 @@ def save_mnist_model(directory: str, input_size: int) -> str:
     model.config.thresholds = median_thresholds(model, x)
     save_model(model, directory)
     return directory
+
+
+def save_ladder_model(directory: str, calibrated: bool = True, size: int = 32) -> str:
+    """cifar_resnet20 with untrained exits whose calibrated point is the backbone ([inf, inf]) and whose
+    cheaper points send everything out at exit 1 ([inf, 0]) or exit 0 ([0, 0]): the exit of an answer
+    shows the point it was served at. Recorded as built on mnist5k (so a load test can write its pool)."""
+    model = make_model("cifar_resnet20", size)
+    model.config.thresholds = [math.inf, math.inf]
+    model.config.meta.update(dataset="mnist5k", split_seed=0)
+    if calibrated:
+        model.config.meta["calibration"] = {"backbone_accuracy": 0.7, "curve": [
+            {"thresholds": [0.0, 0.0], "cost_fraction": 0.3, "accuracy": 0.68},
+            {"thresholds": [math.inf, 0.0], "cost_fraction": 0.6, "accuracy": 0.69},
+            {"thresholds": [math.inf, math.inf], "cost_fraction": 1.0, "accuracy": 0.7}]}
+    save_model(model, str(directory))
+    return str(directory)
 
 
 def png(seed: int, size: int = 32) -> bytes:

@@ -19,26 +19,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..binomial import binomial_cdf, binomial_upper_bound  # the core's, shared with the load controller
+
 __all__ = ["FAMILIES", "P_VALUES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound",
            "samples_needed", "crc_last_valid"]
 
 FAMILIES = ("fixed_sequence", "bonferroni")
 P_VALUES = ("binomial", "hoeffding_bentkus")
-
-
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """``P(Bin(n, p) <= k)``, summed in log space (exact for the sizes a calibration split has)."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    lp, lq = math.log(p), math.log1p(-p)
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-            for i in range(k + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
 
 def _kl_bernoulli(a: float, b: float) -> float:
@@ -88,19 +75,6 @@ def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_se
         m = max(len(p_values), 1)
         return [p <= delta / m for p in p_values]
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
-
-
-def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
-    """One-sided ``1 - delta`` Clopper-Pearson upper bound on a Bernoulli mean."""
-    if n == 0:
-        return 1.0
-    if errors >= n:
-        return 1.0
-    lo, hi = errors / n, 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if binomial_cdf(errors, n, mid) > delta else (lo, mid)
-    return hi
 
 
 def samples_needed(risk: float, epsilon: float, delta: float, method: str = "binomial",
