@@ -181,3 +181,27 @@ def test_plan_for_a_grouping_writes_a_deployable_config(model_dir):
                        for d in staged["deployments"]) <= budget["cpus"] + 1e-9
     with pytest.raises(ValueError, match="cannot host stages"):
         plan_groups(Grouping.parse("0|1,2,3", STAGES), flops, rates, gpus=2)
+
+
+def test_plan_command_chooses_from_a_saved_calibration(model_dir, tmp_path, capsys):
+    from branched.cli import main as cli_main
+
+    saved = tmp_path / "measured.yaml"
+    rates = "0.6,0.2,0.1,0.1"
+    for batch_time, call_ms in ((CPU, 3.0), (GPU, 0.05)):
+        cal = calibration(batch_time, call_ms)
+        saved.write_text(yaml.safe_dump({"calibration": cal.to_dict()}))
+        out = tmp_path / "plan.yaml"
+        assert cli_main(["ray-plan", model_dir, "--cpus", "4", "--exit-rates", rates, "--calibration", str(saved),
+                         "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        best, _ = choose_grouping(REACH, cal)
+        staged = yaml.safe_load(out.read_text())["applications"][0]
+        assert staged["args"]["grouping"] == str(best.grouping) and f"chosen: {best.grouping}" in printed
+        assert "frees" in printed and "the hop costs" in printed
+        assert Calibration.from_dict(staged["args"]["plan"]["calibration"]).per_sample(1, 3) == cal.per_sample(1, 3)
+        # the written plan's calibration can be planned from again
+        assert cli_main(["ray-plan", model_dir, "--cpus", "4", "--exit-rates", rates, "--calibration", str(out)]) == 0
+        assert f"chosen: {best.grouping}" in capsys.readouterr().err
+    assert cli_main(["ray-plan", model_dir, "--cpus", "4", "--exit-rates", rates, "--grouping", "0|2,1,3"]) == 2
+    assert "once each, in order" in capsys.readouterr().err

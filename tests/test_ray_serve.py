@@ -31,6 +31,7 @@ from branched.artifact import load_config, save_model
 from branched.cli import main as cli_main
 from branched.routing import exit_score
 from branched.serving import Predictor
+from ray_app.grouping import Grouping
 from ray_app.planner import pack_fractions, plan_cpus, plan_gpus, stage_flops, work_shares
 
 from helpers import between, free_port, make_model, png, readme_curls, run_curl
@@ -81,7 +82,7 @@ def config_for(model_dir: str, ingress_user_config=None, stage0_user_config=None
     return cfg
 
 
-def deploy(cfg: dict, timeout_s: float = 240) -> None:
+def deploy(cfg: dict, timeout_s: float = 480) -> None:
     """Apply a Serve config the way `serve run CONFIG` / `serve deploy CONFIG` do, and wait until RUNNING."""
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg))
     names = {a["name"] for a in cfg["applications"]}
@@ -96,22 +97,51 @@ def deploy(cfg: dict, timeout_s: float = 240) -> None:
     raise TimeoutError(f"apps not running after {timeout_s}s: {serve.status().applications}")
 
 
+#: Besides the config's per-stage app ("|0|1|2"): stage 0 in the Ingress with the rest in one deployment, and every
+#: stage in the Ingress, each as an app of its own at /g{i}. With the per-stage app they cover every part a grouping
+#: is made of (an Ingress that hosts none, some or all stages; one- and multi-stage deployments; hand-offs from the
+#: Ingress and between deployments). test_grouping.py holds every grouping's chain of runs to the core in process.
+GROUPINGS = ["0|1,2", "0,1,2"]
+
+
 @pytest.fixture(scope="module")
 def server(model_dir):
     port = free_port()
-    ray.init(address="local", num_cpus=4, object_store_memory=80 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, object_store_memory=80 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy(config_for(model_dir))
+        cfg = config_for(model_dir)
+        staged = next(a for a in cfg["applications"] if a["name"] == "staged")
+        for i, grouping in enumerate(GROUPINGS):
+            cfg["applications"].append({**copy.deepcopy(staged), "name": f"g{i}", "route_prefix": f"/g{i}",
+                                        "args": {**staged["args"], "grouping": grouping, "num_cpus": 0.1}})
+        deploy(cfg)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def stage_stats() -> list[dict]:
-    return [serve.get_deployment_handle(f"Stage{k}", app_name="staged").stats.remote().result()
-            for k in range(STAGES)]
+def stage_stats(app: str = "staged", grouping: str = "per-stage") -> list[dict]:
+    """Per stage, the counters of the replica that hosts it (the Ingress or a StageGroup)."""
+    g = Grouping.parse(grouping, STAGES)
+    names = (["Ingress"] if g.ingress else []) + g.names
+    stats = [s for name in names for s in serve.get_deployment_handle(name, app_name=app).stats.remote().result()]
+    return sorted(stats, key=lambda s: s["stage"])
+
+
+def send_concurrently(url: str, images: list[bytes]) -> list[requests.Response]:
+    """POST every image at once, in the three body encodings TorchServe accepts."""
+    def send(i: int) -> requests.Response:
+        b = images[i]
+        if i % 3 == 0:
+            return post(url, b, headers={"Content-Type": "image/png"})
+        if i % 3 == 1:
+            return requests.post(url, files={"data": ("x.png", b, "image/png")}, timeout=120)
+        return requests.post(url, json={"image": base64.b64encode(b).decode()}, timeout=120)
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        return list(pool.map(send, range(len(images))))
 
 
 def post(url: str, data: bytes, params=None, headers=None) -> requests.Response:
@@ -126,29 +156,22 @@ def assert_same(answer: dict, expected: dict) -> None:
         assert answer[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), key
 
 
-def test_concurrent_answers_equal_the_core_and_stages_see_only_survivors(server, reference):
+@pytest.mark.parametrize("app", ["staged", *[f"g{i}" for i in range(len(GROUPINGS))]])
+def test_every_grouping_answers_as_the_core_and_stages_see_only_survivors(server, reference, app):
+    grouping = "per-stage" if app == "staged" else GROUPINGS[int(app[1:])]
     images = [png(i) for i in range(N_IMAGES)]
     expected = [reference(b) for b in images]
     exits = [e["exit"] for e in expected]
     assert set(exits) == set(range(STAGES)), f"thresholds should spread images over all exits: {exits}"
-
-    def send(i: int) -> requests.Response:  # the three body encodings TorchServe accepts
-        b = images[i]
-        if i % 3 == 0:
-            return post(f"{server}/predict", b, headers={"Content-Type": "image/png"})
-        if i % 3 == 1:
-            return requests.post(f"{server}/predict", files={"data": ("x.png", b, "image/png")}, timeout=120)
-        return requests.post(f"{server}/predict", json={"image": base64.b64encode(b).decode()}, timeout=120)
-
-    before = stage_stats()
-    with ThreadPoolExecutor(N_IMAGES) as pool:
-        responses = list(pool.map(send, range(N_IMAGES)))
-    after = stage_stats()
+    prefix = "" if app == "staged" else f"/{app}"
+    before = stage_stats(app, grouping)
+    responses = send_concurrently(f"{server}{prefix}/predict", images)
+    after = stage_stats(app, grouping)
     for r, e in zip(responses, expected):
         assert r.status_code == 200, r.text
         assert_same(r.json(), e)
     received = [a["samples"] - b["samples"] for a, b in zip(after, before)]
-    assert received == [sum(e >= k for e in exits) for k in range(STAGES)], "a stage sees only survivors"
+    assert received == [sum(e >= k for e in exits) for k in range(STAGES)], f"{grouping}: a stage sees only survivors"
     assert [a["exited"] - b["exited"] for a, b in zip(after, before)] == [exits.count(k) for k in range(STAGES)]
     forwarded = [a["forwarded"] - b["forwarded"] for a, b in zip(after, before)]
     assert forwarded[:-1] == received[1:] and forwarded[-1] == 0
