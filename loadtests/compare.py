@@ -58,8 +58,8 @@ def compare(server: str, model_dir: str, out_dir: str, users: int = 8, duration:
             spent = meter.stop()
             runs[variant] = read_run(run["tally"])
             cpu[variant] = per_request(spent, runs[variant].requests)
-        served = {"grouping": target.handle.ready.get("grouping"), "profile": target.handle.ready.get("profile"),
-                  "urls": target.handle.urls} if server == "ray" else {}
+        served = {k: target.handle.ready.get(k) for k in ("grouping", "profile", "urls", "proxy", "plan")} \
+            if server == "ray" else {}
     report = comparison(runs["early_exit"], runs["baseline"], len(config.exits) + 1, {
         "server": server, "model": config.backbone, "model_dir": model_dir, "users": users, "duration": duration,
         "pool_size": len(pool.images), "server_cpus": sorted(target.server_cpus),

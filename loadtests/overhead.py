@@ -128,7 +128,7 @@ def serving_bound(baseline_cpu_ms: float, early_cpu_ms: float, compute_ms: dict[
         compute_ms: :func:`compute_cost`'s ``backbone`` and ``routed`` ms per sample.
     """
     backbone, routed = compute_ms["backbone"], compute_ms["routed"]
-    overhead = max(0.0, baseline_cpu_ms - backbone)
-    return {"overhead_ms": round(overhead, 3), "early_exit_overhead_ms": round(max(0.0, early_cpu_ms - routed), 3),
+    overhead = round(max(0.0, baseline_cpu_ms - backbone), 3)
+    return {"overhead_ms": overhead, "early_exit_overhead_ms": round(max(0.0, early_cpu_ms - routed), 3),
             "compute_speedup": backbone / routed if routed else float("nan"),
             "serving_bound": (overhead + backbone) / (overhead + routed) if overhead + routed else float("nan")}
