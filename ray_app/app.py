@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from branched.artifact import load_config, load_model
+from branched.artifact import load_config
 from branched.errors import RequestError
 from branched.preprocess import ImageLimits
 from branched.routing import ROUTING_PARAMS, thresholds_from_params

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from branched.artifact import load_config, load_model
-from branched.build.random_model import make_random_model, quantile_thresholds
+from branched.build.random_model import quantile_thresholds
 from branched.cli import main as cli_main
 
 
