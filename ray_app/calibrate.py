@@ -22,6 +22,7 @@ from typing import Any, Optional
 import psutil
 import torch
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from branched.artifact import load_model
 
@@ -128,8 +129,13 @@ def _ray_cpu() -> float:
     return total
 
 
-async def _probe(sender, batch_size: int, image_bytes: int, thresholds: int, calls: int) -> tuple[float, float, float]:
-    """CPU seconds per call of the local Ray for one tiny sample, ``batch_size`` tiny ones, ``batch_size`` images."""
+async def _probe(app_name: str, batch_size: int, image_bytes: int, thresholds: int, calls: int
+                 ) -> tuple[float, float, float]:
+    """CPU seconds per call of the local Ray for one tiny sample, ``batch_size`` tiny ones, ``batch_size`` images.
+
+    A handle of its own, made and shut down on this loop (with RAY_SERVE_THROUGHPUT_OPTIMIZED a handle's router
+    runs on its caller's loop, which closes after the probe)."""
+    sender = DeploymentHandle("HopSender", app_name)
     await sender.run.remote(10, 1, 4, thresholds)  # warm-up
     idle_t0, idle_c0 = time.monotonic(), _ray_cpu()
     await asyncio.sleep(1.0)
@@ -140,7 +146,11 @@ async def _probe(sender, batch_size: int, image_bytes: int, thresholds: int, cal
         await sender.run.remote(calls, n, floats, thresholds)
         return max(0.0, (_ray_cpu() - c0) - idle_rate * (time.monotonic() - t0)) / calls
 
-    return await cpu_per_call(1, 4), await cpu_per_call(batch_size, 4), await cpu_per_call(batch_size, image_bytes // 4)
+    try:
+        return (await cpu_per_call(1, 4), await cpu_per_call(batch_size, 4),
+                await cpu_per_call(batch_size, image_bytes // 4))
+    finally:
+        await sender.shutdown_async()
 
 
 def measure_hop(batch_size: int, image_bytes: int, thresholds: int, calls: int = 150,
@@ -150,10 +160,9 @@ def measure_hop(batch_size: int, image_bytes: int, thresholds: int, calls: int =
     Raises:
         RuntimeError: Serve is not running on a Ray this process started.
     """
-    sender = serve.run(HopSender.bind(HopReceiver.bind()), name=app_name, route_prefix=None)
+    serve.run(HopSender.bind(HopReceiver.bind()), name=app_name, route_prefix=None)
     try:
-        # In an event loop: with RAY_SERVE_THROUGHPUT_OPTIMIZED a handle's router runs on the caller's loop.
-        small, many, heavy = asyncio.run(_probe(sender, batch_size, image_bytes, thresholds, calls))
+        small, many, heavy = asyncio.run(_probe(app_name, batch_size, image_bytes, thresholds, calls))
     finally:
         serve.delete(app_name)
     sample_s = max(0.0, (many - small) / max(1, batch_size - 1))

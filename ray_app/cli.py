@@ -49,10 +49,9 @@ def _calibration(args: argparse.Namespace, model_dir: str) -> Optional[Calibrati
         import yaml
 
         with open(args.calibration) as f:
-            doc = yaml.safe_load(f)
-        staged = next((a for a in doc.get("applications", []) if a.get("name") == "staged"), None) if "applications" in doc \
-            else None
-        record = ((staged or {}).get("args") or {}).get("plan") or doc
+            doc = yaml.safe_load(f) or {}
+        staged = next((a for a in doc.get("applications") or [] if a.get("name") == "staged"), {})
+        record = (staged.get("args") or {}).get("plan") or doc  # a plan written by ray-plan, or the record alone
         if "calibration" not in record:
             raise UsageError(f"{args.calibration} holds no calibration; write one with `branched ray-plan ... --calibrate "
                              "--out FILE`")

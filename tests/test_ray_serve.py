@@ -7,6 +7,7 @@ run time. The planner's arithmetic and the config it writes are checked without 
 """
 import base64
 import copy
+import os
 import io
 import socket
 import time
@@ -302,3 +303,25 @@ def test_the_readmes_curl_commands_answer(server, tmp_path):
     for command in commands:
         answer = run_curl(command, str(tmp_path), {"http://127.0.0.1:8000": server})
         assert {"class_index", "label", "confidence", "exit", "cost_fraction"} <= set(answer), (command, answer)
+
+
+def test_plan_command_calibrates_this_machine(model_dir, tmp_path):
+    """`ray-plan --calibrate` in a process of its own (it starts a private Ray): measurements, reasons, a plan."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "plan.yaml"
+    proc = subprocess.run([sys.executable, "-m", "branched.cli", "ray-plan", model_dir, "--cpus", "2", "--calibrate",
+                           "--max-batch-size", "4", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a hop costs" in proc.stdout and "chosen:" in proc.stdout and "frees" in proc.stdout, proc.stdout
+    cfg = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(cfg)
+    staged = cfg["applications"][0]
+    cal = staged["args"]["plan"]["calibration"]
+    assert cal["call_s"] > 0 and cal["batch_size"] == 4 and len(cal["step_seconds"]) == STAGES
+    assert sorted(int(b) for b in cal["step_seconds"][0]) == [1, 2, 4]
+    g = Grouping.parse(staged["args"]["grouping"], STAGES)
+    assert [d["name"] for d in staged["deployments"]] == ["Ingress", *g.names]
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in out.read_text().splitlines()[1]
