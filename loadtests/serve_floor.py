@@ -56,6 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ray_app.server import app_urls
 
     from .launchers import free_port
+    from .overhead import per_request
 
     api = FastAPI()
 
@@ -91,8 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             ok = sum(pool.map(worker, [args.requests // args.users] * args.users))
         seconds = time.monotonic() - t0
         after = _cpu_by_role()
-        per = {k: round(1e3 * (after.get(k, 0.0) - before.get(k, 0.0)) / ok, 3) for k in sorted(after)}
-        per["total"] = round(sum(per.values()), 3)
+        per = per_request({k: after[k] - before.get(k, 0.0) for k in after}, ok)
         print(json.dumps({"profile": args.profile, "url": url, "requests": ok, "rps": round(ok / seconds, 1),
                           "cpu_ms_per_request": per}))
     finally:
