@@ -14,7 +14,14 @@ DURATION ?= 30s
 RAY_USERS ?= 32
 RAY_BATCH_ARGS ?= --batch-size 32 --max-batch-delay 20
 
-.PHONY: install test test-fast demo demo-ray demo-model clean
+# The compute-heavy case: a 224-px resnet50 with random weights (BN statistics from CIFAR-10 images) and its
+# exit mix fixed by quantile thresholds; the model, not the server, dominates a request.
+HEAVY_DIR  ?= models/heavy
+HEAVY_DATA ?= ../shared/data/cifar10
+HEAVY_MODEL_ARGS ?= --backbone resnet50 --input-size 224 --dataset imagefolder --data-root $(HEAVY_DATA) --threads 1
+HEAVY_DURATION ?= 60s
+
+.PHONY: install test test-fast demo demo-ray demo-model demo-heavy demo-heavy-model clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +59,20 @@ demo-ray: demo-model
 	@echo "[demo] load test on Ray Serve: $(RAY_USERS) users x $(DURATION) per model"
 	$(BIN)/branched loadtest --server ray --model-dir $(DEMO_DIR) --out reports/ray \
 		--users $(RAY_USERS) --duration $(DURATION) $(RAY_BATCH_ARGS)
+
+demo-heavy-model: $(STAMP)
+	@if [ -f $(HEAVY_DIR)/config.json ]; then echo "[demo] reusing $(HEAVY_DIR) (rm -r it to rebuild)"; \
+	 else echo "[demo] building $(HEAVY_DIR): random weights, fixed exit mix"; \
+	 $(BIN)/branched random-model --out $(HEAVY_DIR) $(HEAVY_MODEL_ARGS); fi
+
+# Both servers on the compute-heavy model, one after the other.
+demo-heavy: demo-heavy-model
+	@echo "[demo] load test on TorchServe: $(USERS) users x $(HEAVY_DURATION) per model"
+	$(BIN)/branched loadtest --server torchserve --model-dir $(HEAVY_DIR) --out reports/heavy-torchserve \
+		--users $(USERS) --duration $(HEAVY_DURATION)
+	@echo "[demo] load test on Ray Serve: $(USERS) users x $(HEAVY_DURATION) per model"
+	$(BIN)/branched loadtest --server ray --model-dir $(HEAVY_DIR) --out reports/heavy-ray \
+		--users $(USERS) --duration $(HEAVY_DURATION)
 
 clean:
 	rm -rf $(VENV) archives/*.mar reports models

@@ -210,10 +210,43 @@ def _cmd_build(args: argparse.Namespace) -> None:
         pipeline.print_summary(args.out, report)
 
 
+def _random_model_command(sub) -> None:
+    p = sub.add_parser(
+        "random-model", help="a compute-heavy model for serving benchmarks: random weights, a fixed exit mix",
+        description="Random backbone weights (BN statistics from real images), exits placed by FLOPs, and thresholds "
+                    "at quantiles of the exit scores so that --exit-mix of the images leaves at each exit. Accuracy "
+                    "is chance level; the compute per request and the exit mix are real.")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--dataset", default="imagefolder", help="where the images come from (default imagefolder)")
+    p.add_argument("--data-root", help="local folder of the dataset, e.g. ../shared/data/cifar10")
+    p.add_argument("--exits", type=int, default=3, help="side exits, placed evenly by FLOPs (default 3)")
+    p.add_argument("--exit-mix", type=_floats, default=[0.5, 0.2, 0.1, 0.2],
+                   help="share of images per exit, backbone head last (default 0.5,0.2,0.1,0.2)")
+    p.add_argument("--exit-kind", default="linear", choices=["linear", "conv"],
+                   help="linear (pool + classifier, next to free; default) or conv (PTEENet's, costly on wide features)")
+    p.add_argument("--calib-images", type=int, default=128, help="images for BN statistics and thresholds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.set_defaults(func=_cmd_random_model)
+
+
+def _cmd_random_model(args: argparse.Namespace) -> None:
+    from .build.random_model import make_random_model
+
+    result = make_random_model(args.out, args.backbone, args.input_size, args.dataset, args.data_root, args.exits,
+                               args.exit_mix, args.exit_kind, calib_images=args.calib_images, seed=args.seed,
+                               threads=args.threads)
+    print(f"wrote {args.out}: {args.backbone} @{args.input_size} px, random weights; on {result['samples']} "
+          f"calibration images exit rates {', '.join(f'{r:.2f}' for r in result['exit_rates'])}, cost fraction "
+          f"{result['cost_fraction']:.3f} (ideal speed-up {1 / result['cost_fraction']:.2f}x)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="branched", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    registrars: list[Callable] = [_model_commands, _build_command]
+    registrars: list[Callable] = [_model_commands, _build_command, _random_model_command]
     registrars += [ep.load() for ep in sorted(entry_points(group="branched.commands"), key=lambda e: e.name)]
     for register in registrars:
         register(sub)

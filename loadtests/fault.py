@@ -32,7 +32,7 @@ from branched.artifact import load_config
 
 from .answers import read_log, recovery
 from .checks import check_answer
-from .harness import MODEL, Pool, Target, add_load_arguments, drive, make_pool, run_command, say, serve
+from .harness import MODEL, Pool, Target, add_load_arguments, drive, make_pool, ray_options, run_command, say, serve
 from .launchers import wait_for
 from .procs import ray_replica_pids, torchserve_worker_pids
 from .report import read_run
@@ -112,7 +112,7 @@ def probe(target: Target, pool: Pool, limit: int = 50) -> dict:
 
 def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: str = "60s", kill_at: float = 20.0,
           stage: int = 1, pool_size: int = 200, server_cpus: Optional[int] = None, batch_size: int = 8,
-          max_batch_delay: int = 10) -> dict:
+          max_batch_delay: int = 10, ray: Optional[dict] = None) -> dict:
     """Run the fault injection and write its report; returns the report dict (``recovered`` says the verdict).
 
     Args:
@@ -122,13 +122,16 @@ def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: s
         kill_at: seconds after Locust starts to kill (keep it well inside ``duration``).
         stage: the Ray Serve stage whose replica is killed (ignored for TorchServe).
         users, duration, pool_size, server_cpus, batch_size, max_batch_delay: as ``branched loadtest``.
+        ray: Ray Serve launcher options; the grouping must give stage ``stage`` a deployment of its own
+            (``per-stage``, the default here).
     """
     config = load_config(model_dir)
     if server == "ray" and not 0 <= stage <= len(config.exits):
         raise ValueError(f"--stage {stage}: the model has stages 0..{len(config.exits)}")
     os.makedirs(out_dir, exist_ok=True)
     pool = make_pool(model_dir, out_dir, pool_size, variants=["early_exit"])
-    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False) as target:
+    ray = {"grouping": "per-stage", **(ray or {})}
+    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False, ray=ray) as target:
         killer = Killer(target, kill_at, stage)
         # The killer starts with Locust (after the warm-up), so kill_at counts from the load's start.
         run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=killer.start)
@@ -222,7 +225,7 @@ def print_summary(report: dict) -> None:
 def _run(args: argparse.Namespace) -> None:
     report, out = run_command(args, "fault run", lambda out: fault(
         args.server, args.model_dir, out, args.users, args.duration, args.kill_at, args.stage, args.pool_size,
-        args.server_cpus, args.batch_size, args.max_batch_delay), print_summary,
+        args.server_cpus, args.batch_size, args.max_batch_delay, ray_options(args)), print_summary,
         os.path.join("reports", f"fault-{args.server}"), "fault.json")
     if not report["recovered"] or report["mismatches"]:
         print(f"fault run on {args.server}: the server did not recover by itself after {report['killed']} was killed "
@@ -236,7 +239,7 @@ def register(subparsers) -> None:
     """``branched fault``."""
     p = subparsers.add_parser("fault", help="kill a TorchServe worker or a Ray Serve stage replica mid-load; "
                                             "report failures and recovery")
-    add_load_arguments(p, "60s", "reports/fault-SERVER")
+    add_load_arguments(p, "60s", "reports/fault-SERVER", ray_grouping="per-stage")
     p.add_argument("--kill-at", type=float, default=20.0, help="seconds into the load to kill (default 20)")
     p.add_argument("--stage", type=int, default=1, help="Ray Serve: the stage whose replica is killed (default 1)")
     p.set_defaults(func=_run)

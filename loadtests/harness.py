@@ -28,7 +28,7 @@ from branched.errors import UsageError
 from .answers import write_expected
 from .launchers import RayServe, TorchServe
 
-__all__ = ["SERVERS", "VARIANTS", "MODEL", "add_load_arguments", "run_command", "write_pool", "Pool", "make_pool",
+__all__ = ["SERVERS", "VARIANTS", "MODEL", "add_load_arguments", "ray_options", "run_command", "write_pool", "Pool", "make_pool",
            "split_cpus", "pinned", "Target", "serve", "warm_up", "run_locust", "drive", "say"]
 
 SERVERS = ("torchserve", "ray")
@@ -40,7 +40,7 @@ MODEL = "model"
 LOCUSTFILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "locustfile.py")
 
 
-def add_load_arguments(p: argparse.ArgumentParser, duration: str, out_default: str) -> None:
+def add_load_arguments(p: argparse.ArgumentParser, duration: str, out_default: str, ray_grouping: str = "auto") -> None:
     """The options every load command shares (``branched loadtest``, ``soak``, ``fault``)."""
     p.add_argument("--server", choices=SERVERS, default="torchserve")
     p.add_argument("--model-dir", default="models/demo")
@@ -51,7 +51,17 @@ def add_load_arguments(p: argparse.ArgumentParser, duration: str, out_default: s
     p.add_argument("--server-cpus", type=int, help="CPUs for the server (default: all but one)")
     p.add_argument("--batch-size", type=int, default=8, help="server-side batch size (default 8)")
     p.add_argument("--max-batch-delay", type=int, default=10, help="server-side batch wait in ms (default 10)")
+    p.add_argument("--ray-profile", default="tuned", help="Ray Serve settings: tuned (direct ingress; default), direct, "
+                   "quiet or ray-default (ray_app/options.py)")
+    p.add_argument("--ray-grouping", default=ray_grouping, help="the staged app's grouping: auto (the planner measures "
+                   f"this machine), ingress, per-stage or e.g. '0|1,2' (default {ray_grouping})")
+    p.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for Ray")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+
+
+def ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Ray Serve launcher options of a load command's arguments."""
+    return {"profile": args.ray_profile, "grouping": args.ray_grouping, "env": list(args.ray_env)}
 
 
 def run_command(args: argparse.Namespace, what: str, run: Callable[[str], dict], summary: Callable[[dict], None],
@@ -154,16 +164,22 @@ class Target:
     handle: Any  # launchers.TorchServe or launchers.RayServe
     load_cpus: set[int] = field(default_factory=set)
     server_cpus: set[int] = field(default_factory=set)
+    hosts: dict[str, str] = field(default_factory=dict)  # a variant served elsewhere than ``host`` (Ray's direct ingress)
 
     @property
     def path(self) -> str:
         """The early-exit model's path."""
         return self.paths["early_exit"]
 
+    def host_of(self, variant: str) -> str:
+        """Where ``variant`` is served (``host`` unless it has its own)."""
+        return self.hosts.get(variant, self.host)
+
 
 @contextlib.contextmanager
 def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] = None, batch_size: int = 8,
-          max_batch_delay: int = 10, baseline: bool = True, control: Optional[dict] = None) -> Iterator[Target]:
+          max_batch_delay: int = 10, baseline: bool = True, ray: Optional[dict[str, Any]] = None,
+          control: Optional[dict] = None) -> Iterator[Target]:
     """Start ``server`` with the early-exit model (and its baseline) on its own CPUs; stop it on exit.
 
     Args:
@@ -175,6 +191,7 @@ def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] 
             Ray Serve @serve.batch max_batch_size/batch_wait_timeout_s).
         baseline: also serve the plain backbone (TorchServe: ``MODEL-baseline.mar``; Ray Serve always
             runs the baseline app at ``/baseline``).
+        ray: Ray Serve launcher options (``profile``, ``grouping``, ``env``; :class:`loadtests.launchers.RayServe`).
         control: the early-exit model's load controller, ``{"slo_p95_ms", "max_drop", "controller"}``
             (TorchServe: model-config.yaml; Ray Serve: the staged app's args); None: off.
     """
@@ -196,12 +213,24 @@ def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] 
             yield Target(server, ts.inference_url, paths, ts.pgid, ts, load_set, server_set)
         say("TorchServe stopped")
     else:
-        say(f"starting Ray Serve on CPUs {sorted(server_set)}")
-        with RayServe(model_dir, cpus=server_set, max_batch_size=batch_size,
-                      batch_wait_timeout_s=max_batch_delay / 1000.0, staged_args=control) as rs:
-            yield Target(server, rs.url, {"early_exit": "/predict", "baseline": "/baseline/predict"}, rs.proc.pid, rs,
-                         load_set, server_set)
+        options = {k: v for k, v in (ray or {}).items() if v is not None}
+        say(f"starting Ray Serve on CPUs {sorted(server_set)} ({', '.join(f'{k} {v}' for k, v in options.items())}; "
+            f"log in {os.path.join(out_dir, 'ray_server.log')})")
+        with RayServe(model_dir, cpus=server_set, max_batch_size=batch_size, batch_wait_timeout_s=max_batch_delay / 1000.0,
+                      log_path=os.path.join(os.path.abspath(out_dir), "ray_server.log"), staged_args=control,
+                      **options) as rs:
+            origins = {v: _split_url(rs.urls[app]) for v, app in (("early_exit", "staged"), ("baseline", "baseline"))}
+            say(f"Ray Serve apps at {rs.urls} (grouping {rs.ready.get('grouping')})")
+            yield Target(server, origins["early_exit"][0], {v: o[1] + "/predict" for v, o in origins.items()},
+                         rs.proc.pid, rs, load_set, server_set, {v: o[0] for v, o in origins.items()})
         say("Ray Serve stopped")
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """``http://host:port/prefix`` -> (``http://host:port``, ``/prefix``)."""
+    scheme, _, rest = url.partition("://")
+    host, slash, prefix = rest.partition("/")
+    return f"{scheme}://{host}", (slash + prefix).rstrip("/")
 
 
 def warm_up(url: str, images: Sequence[bytes], rounds: int = 2, timeout: float = 60.0) -> None:
@@ -260,16 +289,16 @@ def drive(target: Target, pool: Pool, out_dir: str, users: int, duration: str, v
     Returns:
         ``{"tally": path, "log": path or None, "prefix": path prefix of Locust's CSV/HTML}``.
     """
-    path = target.paths[variant]
-    say(f"warming up {variant} at {target.host}{path}")
-    warm_up(target.host + path, pool.images[:32])
+    path, host = target.paths[variant], target.host_of(variant)
+    say(f"warming up {variant} at {host}{path}")
+    warm_up(host + path, pool.images[:32])
     out_prefix = os.path.join(out_dir, prefix)
     log = f"{out_prefix}_requests.csv" if log_requests else None
     say(f"locust: {users} users for {duration} against {variant} (load generator on CPUs {sorted(target.load_cpus)})")
     if on_start is not None:
         on_start()
     extra = ["--expected", pool.expected[variant], *(["--answers-log", log] if log else [])]
-    tally = run_locust(target.host, path, pool.folder, out_prefix, users, duration, target.load_cpus, extra=extra)
+    tally = run_locust(host, path, pool.folder, out_prefix, users, duration, target.load_cpus, extra=extra)
     return {"tally": tally, "log": log, "prefix": out_prefix}
 
 

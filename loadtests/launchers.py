@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import requests
 
@@ -222,34 +222,48 @@ def _probe_png(size: int) -> bytes:
 
 
 class RayServe:
-    """The staged and baseline apps of ``model_dir`` in a child process.
+    """The staged and baseline apps of ``model_dir`` in a child process (``python -m ray_app.server``).
 
     Args:
         model_dir: model directory for both apps.
         cpus: CPUs the process tree may use (affinity); None: all. Ray is told as many logical CPUs.
-        port: HTTP port on 127.0.0.1 (default: a free one).
+        port: HTTP port of Serve's proxy on 127.0.0.1 (default: a free one).
         max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings of every stage and the baseline.
         log_path: where the child's output goes (default: a file in the temp dir).
         staged_args: more args of the staged app, e.g. the load controller's ``slo_p95_ms`` and ``max_drop``.
+        profile: Ray Serve settings (:mod:`ray_app.options`; ``tuned``: direct ingress).
+        grouping: the staged app's grouping (``auto``: the planner measures this machine and chooses).
+        env: extra environment variables for Ray (``NAME=VALUE`` strings).
+
+    Attributes:
+        urls: once started, each app's base URL (``staged``, ``baseline``): with direct ingress its
+            replica's own port, else the proxy's.
+        ready: what the server reported once both apps answered (urls, grouping, the planner's record).
     """
 
     def __init__(self, model_dir: str, cpus: Optional[set[int]] = None, port: Optional[int] = None,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, log_path: Optional[str] = None,
-                 staged_args: Optional[Mapping[str, Any]] = None) -> None:
+                 staged_args: Optional[Mapping[str, Any]] = None, profile: str = "tuned", grouping: str = "auto",
+                 env: Sequence[str] = ()) -> None:
         self.model_dir = os.path.abspath(model_dir)
         self.cpus = cpus
         self.port = port or free_port()
         self.batch = (max_batch_size, batch_wait_timeout_s)
         self.log_path = log_path or os.path.join("/tmp", f"branched-ray-{self.port}.log")
+        self.ready_path = self.log_path + ".ready.json"
+        self.profile, self.grouping, self.env = profile, grouping, list(env)
         self.proc: Optional[subprocess.Popen] = None
         self.staged_args = dict(staged_args or {})
+        self.ready: dict[str, Any] = {}
+        self.urls: dict[str, str] = {}
 
     @property
     def url(self) -> str:
+        """The proxy's URL (both apps, by route prefix)."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 300.0) -> "RayServe":
-        """Start and wait until both apps answer a probe image.
+    def start(self, timeout: float = 420.0) -> "RayServe":
+        """Start and wait until both apps answer a probe image at their URLs.
 
         Raises:
             RuntimeError: the apps did not come up in time (the log tail is in the message).
@@ -260,25 +274,40 @@ class RayServe:
         n_cpus = len(self.cpus) if self.cpus else len(os.sched_getaffinity(0))
         cmd = [sys.executable, "-m", "ray_app.server", "--model-dir", self.model_dir, "--port", str(self.port),
                "--num-cpus", str(n_cpus), "--max-batch-size", str(self.batch[0]),
-               "--batch-wait-timeout-s", str(self.batch[1]), "--staged-args", json.dumps(self.staged_args)]
+               "--batch-wait-timeout-s", str(self.batch[1]), "--profile", self.profile, "--grouping", self.grouping,
+               "--ready-file", self.ready_path, "--staged-args", json.dumps(self.staged_args),
+               *[a for e in self.env for a in ("--env", e)]]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        if os.path.exists(self.ready_path):
+            os.remove(self.ready_path)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                         preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None)
+                                         cwd=REPO_ROOT, preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus))
+                                         if self.cpus else None)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if all(requests.post(self.url + path, data=probe, timeout=10).status_code == 200
-                       for path in ("/predict", "/baseline/predict")):
-                    return self
-            except requests.RequestException:
-                pass
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if self._answers(probe):
+                return self
             time.sleep(1.0)
         tail = self.log_tail()
         self.stop()
         raise RuntimeError(f"Ray Serve did not get ready in {timeout:.0f}s:\n{tail}")
+
+    def _answers(self, probe: bytes) -> bool:
+        try:
+            with open(self.ready_path) as f:
+                ready = json.load(f)
+        except (OSError, ValueError):
+            return False
+        urls = ready["urls"]
+        try:
+            if all(requests.post(urls[app] + "/predict", data=probe, timeout=10).status_code == 200
+                   for app in ("staged", "baseline")):
+                self.ready, self.urls = ready, urls
+                return True
+        except requests.RequestException:
+            pass
+        return False
 
     def log_tail(self, lines: int = 40) -> str:
         try:

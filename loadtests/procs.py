@@ -23,7 +23,7 @@ import psutil
 __all__ = ["session_processes", "role", "RssSampler", "ray_replica_pids", "torchserve_worker_pids"]
 
 
-_REPLICA = re.compile(r"ServeReplica:([\w.-]+?):(\w+)")
+_REPLICA = re.compile(r"ServeReplica:([\w.-]+?):([\w-]+)")
 
 
 def session_processes(sid: int) -> list[psutil.Process]:
@@ -70,7 +70,8 @@ def ray_replica_pids(sid: int, deployment: str, app: str = "staged") -> list[int
     pids = []
     for proc in session_processes(sid):
         cmd = _cmdline(proc)
-        if tag in cmd and (cmd.find(tag) + len(tag) == len(cmd) or not cmd[cmd.find(tag) + len(tag)].isalnum()):
+        end = cmd.find(tag) + len(tag)
+        if tag in cmd and (end == len(cmd) or not (cmd[end].isalnum() or cmd[end] == "-")):  # Stage1, not Stage1-2
             pids.append(proc.pid)
     return pids
 

@@ -19,7 +19,7 @@ from typing import Optional
 from branched.artifact import load_config
 
 from .answers import per_window, read_log
-from .harness import add_load_arguments, drive, make_pool, run_command, say, serve
+from .harness import add_load_arguments, drive, make_pool, ray_options, run_command, say, serve
 from .procs import RssSampler
 from .report import read_run
 
@@ -28,7 +28,7 @@ __all__ = ["soak", "register"]
 
 def soak(server: str, model_dir: str, out_dir: str, users: int = 8, duration: str = "10m", pool_size: int = 200,
          server_cpus: Optional[int] = None, batch_size: int = 8, max_batch_delay: int = 10,
-         rss_interval: float = 10.0, window_s: float = 60.0) -> dict:
+         rss_interval: float = 10.0, window_s: float = 60.0, ray: Optional[dict] = None) -> dict:
     """Run the soak and write its report; returns the report dict.
 
     Args:
@@ -38,11 +38,12 @@ def soak(server: str, model_dir: str, out_dir: str, users: int = 8, duration: st
         users, duration, pool_size, server_cpus, batch_size, max_batch_delay: as ``branched loadtest``.
         rss_interval: seconds between memory samples.
         window_s: length of the latency/throughput windows (default one minute).
+        ray: Ray Serve launcher options (``profile``, ``grouping``, ``env``).
     """
     config = load_config(model_dir)
     os.makedirs(out_dir, exist_ok=True)
     pool = make_pool(model_dir, out_dir, pool_size, variants=["early_exit"])
-    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False) as target:
+    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False, ray=ray) as target:
         sampler = RssSampler(server, target.sid, rss_interval)
         try:
             run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=sampler.start)
@@ -139,7 +140,7 @@ def print_summary(report: dict) -> None:
 def _run(args: argparse.Namespace) -> None:
     report, out = run_command(args, "soak", lambda out: soak(
         args.server, args.model_dir, out, args.users, args.duration, args.pool_size, args.server_cpus, args.batch_size,
-        args.max_batch_delay, args.rss_interval, args.window), print_summary,
+        args.max_batch_delay, args.rss_interval, args.window, ray_options(args)), print_summary,
         os.path.join("reports", f"soak-{args.server}"), "soak.json")
     if report["failures"] or report["mismatches"]:
         print(f"soak on {args.server}: {report['failures']} failed requests, {report['mismatches']} answers that "

@@ -1,6 +1,8 @@
 """Ray Serve adapter: the staged early-exit app, the baseline app, and the replica planner.
 
-``ray_app.app`` holds the deployments and application builders (imports Ray); ``ray_app.planner``
-is pure arithmetic; ``ray_app.cli`` adds ``branched ray-plan``.
+``ray_app.app`` holds the Ingress, the Baseline and the application builders and ``ray_app.stages``
+the stage deployments (both import Ray); ``ray_app.grouping``, ``ray_app.costmodel`` and
+``ray_app.planner`` are pure arithmetic; ``ray_app.calibrate`` measures a machine for the planner;
+``ray_app.options`` names Serve's settings; ``ray_app.cli`` adds ``branched ray-plan``.
 """
 __all__: list[str] = []

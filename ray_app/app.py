@@ -1,20 +1,19 @@
-"""Ray Serve apps: the staged early-exit app (ingress + one deployment per stage) and the baseline.
+"""Ray Serve apps: the staged early-exit app (an HTTP ingress + deployments hosting runs of stages) and the baseline.
 
-Staged app (``staged_app``)::
+Staged app (``staged_app``), grouped as ``grouping`` says (:mod:`ray_app.grouping`)::
 
-    HTTP POST /predict -> Ingress --handle--> Stage0 --handle--> Stage1 --> ... --> Stage{K-1}
-                          decode, batch       segment 0 + exit 0  (a batch's survivors, one call)
+    HTTP POST /predict -> Ingress [stages 0..n-1] --handle--> Stage{a}-{b} --handle--> ... --> [.. head]
+                          decode, batch, its stages   the survivors of a batch, in one call
 
 * ``Ingress`` turns the body into an image tensor and per-request thresholds
   (:meth:`branched.serving.Predictor.prepare`; with ``slo_p95_ms`` set, a load controller picks the
-  thresholds of requests that name none, :mod:`ray_app.control`); ``@serve.batch`` gathers concurrent requests and
-  sends them to stage 0 as one :class:`Samples` (one handle call per batch, not per request).
-* ``Stage{k}`` holds backbone segment ``k`` and exit ``k``. ``@serve.batch`` merges the calls that
-  arrive while it computes (up to ``max_batch_size`` samples); one ``model.step(k, ...)`` (the core's
-  segment step) runs on the batch in a worker thread, so the replica's event loop keeps accepting
-  calls. Samples that exit are answered; the survivors' features (with their thresholds and FLOPs so
-  far) go to stage ``k+1`` in one call through a ``DeploymentHandle``. Every request awaits only its
-  own answer, so the batch slot is free again as soon as the step is done.
+  thresholds of requests that name none, :mod:`ray_app.control`); ``@serve.batch`` gathers concurrent
+  requests. It runs the stages it hosts on the batch (none in the per-stage layout), answers the samples
+  that exit there, and sends the survivors to the next deployment as one :class:`Samples` (one handle
+  call per batch, not per request). A request that exits in the Ingress crosses no hop.
+* A ``StageGroup`` deployment (:mod:`ray_app.stages`) hosts a run of consecutive stages, merges the
+  calls that arrive while it computes (``@serve.batch``), runs ``model.step`` stage after stage on
+  the batch, and sends its survivors on in one call. Every request awaits only its own answer.
 
 Baseline app (``baseline_app``): one deployment, HTTP ``POST /predict`` (mounted at
 ``/baseline``), the plain backbone batched with ``@serve.batch``.
@@ -24,12 +23,10 @@ and for the whole app through the Ingress's ``user_config`` (same keys; ``serve 
 changed ``user_config`` calls ``reconfigure`` without restarting anything).
 """
 import asyncio
-import itertools
 import logging
 import math
 import os
-import time
-from typing import Any, Awaitable, Callable, Optional, Union
+from typing import Any, Awaitable, Callable, Optional, Sequence, Union
 
 import torch
 from fastapi import FastAPI, Request
@@ -38,39 +35,25 @@ from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from branched.artifact import load_config, load_model
+from branched.artifact import load_config
 from branched.errors import RequestError
 from branched.preprocess import ImageLimits
 from branched.routing import ROUTING_PARAMS
 from branched.serving import Predictor, Prepared, extract_image
 
-from .batching import Forwarded, Samples, num_samples, resolve, set_batching
-from .control import IngressControl, controller_for, replica_id
-from .planner import calibrated_exit_rates, stage_flops, work_shares
+from .batching import Forwarded, Samples, resolve, set_batching
+from .control import IngressControl, controller_for
+from .grouping import Grouping
+from .planner import calibrated_exit_rates, group_shares, stage_flops
+from .stages import StageGroup, StageRunner, replica_device, replica_threads, run_and_forward
 
-__all__ = ["Stage", "Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app"]
+__all__ = ["Ingress", "Baseline", "AppArgs", "staged_app", "baseline_app"]
 
 logger = logging.getLogger("ray.serve")
 
 #: Bodies larger than this many times the image limit are refused before they are read
 #: (base64 in JSON is 4/3 of the image; multipart adds a little).
 BODY_SLACK = 1.5
-
-
-def _replica_threads() -> int:
-    """Torch threads for this replica: its whole logical CPUs (at least one)."""
-    try:
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-    except Exception:  # noqa: BLE001 - outside a Ray worker
-        cpus = 1.0
-    return max(1, int(cpus))
-
-
-def _device() -> torch.device:
-    # Ray sets CUDA_VISIBLE_DEVICES from num_gpus, so a replica without GPUs sees none.
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def routing_params(request: Request) -> dict[str, str]:
@@ -124,107 +107,6 @@ async def answer_request(predictor: Predictor, request: Request, answer: Callabl
         return _server_error(exc)
 
 
-# ---------------------------------------------------------------------------------------------- stages
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 1})
-class Stage:
-    """Backbone segment ``k`` + exit ``k``, batched across calls; each batch's survivors go to stage
-    ``k+1`` in one call.
-
-    Args:
-        model_dir: the model directory (every stage loads it and keeps only its own stage).
-        k: the stage index.
-        next_stage: handle to stage ``k+1`` (None for the last stage, which answers everything).
-        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings (also via ``user_config``).
-    """
-
-    def __init__(self, model_dir: str, k: int, next_stage: Optional[DeploymentHandle] = None,
-                 max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005) -> None:
-        from ray.serve import metrics
-
-        torch.set_num_threads(_replica_threads())
-        self.k = k
-        self.device = _device()
-        model = load_model(model_dir)
-        self.model = model.keep_stages([k]).optimize_for_inference().to(self.device)
-        self.class_names = model.config.class_names
-        self.backbone_flops = float(model.cost.backbone_flops)
-        self.last = k == model.num_exits - 1
-        if next_stage is None and not self.last:
-            raise ValueError(f"stage {k} of {model.num_exits} needs a handle to stage {k + 1}")
-        self.next = next_stage
-        self.counts = {"samples": 0, "exited": 0, "forwarded": 0, "batches": 0, "max_batch": 0, "busy_s": 0.0}
-        self.samples_metric = metrics.Counter(
-            "branched_stage_samples", description="Samples a stage received, answered (exited) or sent on.",
-            tag_keys=("stage", "outcome"))
-        self.batch_metric = metrics.Histogram(
-            "branched_stage_batch_size", description="Batch size of one segment step.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256], tag_keys=("stage",))
-        self.max_batch_size = max_batch_size
-        self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
-
-    def reconfigure(self, config: dict[str, Any]) -> None:
-        """``user_config``: ``{max_batch_size: int, batch_wait_timeout_s: float}`` (either)."""
-        set_batching(self.run_batch, config)
-        self.max_batch_size = int(config.get("max_batch_size", self.max_batch_size))
-
-    async def __call__(self, samples: Samples) -> list[dict[str, Any]]:
-        """The answers for ``samples``, in order: from this stage's exit, or from a later stage."""
-        parts = await asyncio.gather(*(self.run_batch(c) for c in samples.chunks(self.max_batch_size)))
-        return await resolve([r for part in parts for r in part])
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=num_samples)
-    async def run_batch(self, calls: list[Samples]) -> list[list[Any]]:
-        # Torch releases the GIL; running it in a thread keeps the event loop (and batching) live.
-        start = time.monotonic()
-        results, survivors = await asyncio.to_thread(self._step, Samples.cat(calls))
-        self.counts["busy_s"] += time.monotonic() - start  # the ingress's load controller reads it
-        if survivors is not None:  # one call to the next stage for the whole batch's survivors
-            forwarded = Forwarded(self.next, survivors[1])
-            for j, i in enumerate(survivors[0]):
-                results[i] = (forwarded, j)
-        bounds = list(itertools.accumulate(len(c) for c in calls))
-        return [results[b - len(c):b] for b, c in zip(bounds, calls)]
-
-    @torch.inference_mode()
-    def _step(self, batch: Samples) -> tuple[list[Any], Optional[tuple[list[int], Samples]]]:
-        """``model.step(k)`` on a batch: answers of the samples that exit (None elsewhere), and the
-        survivors' positions with their :class:`Samples` for the next stage."""
-        n = len(batch)
-        x = batch.features.to(self.device).contiguous(memory_format=self.model.memory_format)
-        flops = None if batch.flops is None else batch.flops.to(self.device)
-        r = self.model.step(self.k, x, batch.thresholds.to(self.device), flops=flops)
-        results: list[Any] = [None] * n
-        for i, answer in zip(r.exited.tolist(), r.answers(self.k, self.class_names, self.backbone_flops)):
-            results[i] = answer
-        survivors = None
-        if r.survivors.numel():
-            kept = r.survivors.cpu()
-            survivors = (kept.tolist(), Samples(r.features.cpu(), batch.thresholds[kept], r.survivor_flops.cpu()))
-        self._count(n, int(r.exited.numel()), int(r.survivors.numel()))
-        return results, survivors
-
-    def _count(self, n: int, exited: int, forwarded: int) -> None:
-        c = self.counts
-        c["samples"] += n
-        c["exited"] += exited
-        c["forwarded"] += forwarded
-        c["batches"] += 1
-        c["max_batch"] = max(c["max_batch"], n)
-        stage = str(self.k)
-        self.samples_metric.inc(n, tags={"stage": stage, "outcome": "received"})
-        if exited:
-            self.samples_metric.inc(exited, tags={"stage": stage, "outcome": "exited"})
-        if forwarded:
-            self.samples_metric.inc(forwarded, tags={"stage": stage, "outcome": "forwarded"})
-        self.batch_metric.observe(n, tags={"stage": stage})
-
-    def stats(self) -> dict[str, Any]:
-        """This replica's counters: samples received, exited, forwarded; batches; largest batch; seconds
-        busy computing (``busy_s``, at monotonic ``time``); its ``replica`` id and the ``next`` deployment."""
-        return {"stage": self.k, **self.counts, "time": time.monotonic(), "replica": replica_id(),
-                "next": None if self.next is None else self.next.deployment_name}
-
-
 # ---------------------------------------------------------------------------------------------- ingress
 staged_api = FastAPI(title="branched early-exit (staged)")
 
@@ -232,24 +114,31 @@ staged_api = FastAPI(title="branched early-exit (staged)")
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(staged_api)
 class Ingress:
-    """HTTP front of the staged app: decode, resolve thresholds, send the sample to stage 0.
+    """HTTP front of the staged app: decode, resolve thresholds, batch; run the stages it hosts and send
+    the survivors to the next deployment.
 
     Args:
         model_dir: the model directory (for its preprocessing, limits and thresholds).
-        stage0: handle to the first stage.
+        stage0: handle to the deployment of the first stage the Ingress does not host (None when it hosts all).
+        max_batch_size, batch_wait_timeout_s: ``@serve.batch`` settings of the request batch.
+        limits: image limits, checked before decoding.
         control: the load controller's ``slo_p95_ms``, ``max_drop``, ``controller`` (:mod:`ray_app.control`).
+        stages: the stages ``0..n-1`` the Ingress runs itself (none: it only decodes).
     """
 
-    def __init__(self, model_dir: str, stage0: DeploymentHandle, max_batch_size: int = 32,
+    def __init__(self, model_dir: str, stage0: Optional[DeploymentHandle], max_batch_size: int = 32,
                  batch_wait_timeout_s: float = 0.005, limits: ImageLimits = ImageLimits(),
-                 control: Optional[dict[str, Any]] = None) -> None:
-        torch.set_num_threads(_replica_threads())
+                 control: Optional[dict[str, Any]] = None, stages: Sequence[int] = ()) -> None:
+        torch.set_num_threads(replica_threads())
         self.predictor = Predictor(model_dir, optimize=False, limits=limits)
         self.calibrated = self.predictor.default_thresholds
+        self.runner = StageRunner(model_dir, stages) if stages else None
+        if stage0 is None and (self.runner is None or not self.runner.last):
+            raise ValueError("the Ingress needs a handle to the next deployment unless it hosts every stage")
         self.stage0 = stage0
         set_batching(self.dispatch, {"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
         self.control = IngressControl(self.predictor.config, control, max_batch_size, 1e3 * batch_wait_timeout_s,
-                                      stage0)
+                                      stage0, self.stats if self.runner else None)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config``: app-wide ``thresholds`` (list or "0.9,0.8"), ``threshold`` or ``budget``, or the
@@ -270,15 +159,23 @@ class Ingress:
         return self.control.state()
 
     async def _answer(self, prepared: Prepared) -> dict[str, Any]:
-        forwarded, j = await self.dispatch(prepared)
-        return await forwarded.answer(j)
+        return (await resolve([await self.dispatch(prepared)]))[0]
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def dispatch(self, prepared: list[Prepared]) -> list[tuple[Forwarded, int]]:
-        """Concurrent requests go to stage 0 in one call (a handle call costs far more than a sample's stage 0)."""
-        forwarded = Forwarded(self.stage0, Samples(torch.stack([p.image for p in prepared]),
-                                                    torch.stack([p.thresholds for p in prepared])))
-        return [(forwarded, j) for j in range(len(prepared))]
+    async def dispatch(self, prepared: list[Prepared]) -> list[Any]:
+        """Concurrent requests as one batch: the hosted stages run on it, and the survivors go on in one
+        call (a handle call costs far more than a sample's share of a small stage)."""
+        batch = Samples(torch.stack([p.image for p in prepared]), torch.stack([p.thresholds for p in prepared]))
+        if self.runner is None:
+            forwarded = Forwarded(self.stage0, batch)
+            return [(forwarded, j) for j in range(len(prepared))]
+        return await run_and_forward(self.runner, batch, self.stage0)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the stages this replica hosts (``stages`` empty when it only decodes)."""
+        if self.runner is None:
+            return {"stages": [], "next": None if self.stage0 is None else self.stage0.deployment_name}
+        return self.runner.stats(self.stage0)
 
     @staged_api.get("/thresholds")
     def thresholds(self) -> dict[str, Any]:
@@ -302,9 +199,9 @@ class Baseline:
 
     def __init__(self, model_dir: str, max_batch_size: int = 32, batch_wait_timeout_s: float = 0.005,
                  limits: ImageLimits = ImageLimits()) -> None:
-        torch.set_num_threads(_replica_threads())
+        torch.set_num_threads(replica_threads())
         self.predictor = Predictor(model_dir, baseline=True, limits=limits)
-        self.predictor.model.to(_device())
+        self.predictor.model.to(replica_device())
         self.reconfigure({"max_batch_size": max_batch_size, "batch_wait_timeout_s": batch_wait_timeout_s})
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -344,6 +241,11 @@ class AppArgs(BaseModel):
     max_drop: Optional[float] = Field(None, gt=0, lt=1, description="largest accuracy drop it may serve, e.g. 0.02")
     controller: dict[str, Any] = Field(default_factory=dict, description="ControllerSettings fields, e.g. hold_s")
 
+    grouping: str = Field("per-stage", description="which process runs which stages: the Ingress's stages, then "
+                          "each deployment's, '|'-separated ('0|1,2'), or 'ingress' / 'per-stage' (ray_app/grouping.py)")
+    plan: Optional[dict[str, Any]] = Field(None, description="what `branched ray-plan` measured and why it chose "
+                                           "this grouping (kept for the record; not used to serve)")
+
     @property
     def limits(self) -> ImageLimits:
         return ImageLimits(self.max_bytes, self.max_pixels, self.min_side)
@@ -368,25 +270,30 @@ def _args(args: Union[AppArgs, dict[str, Any]]) -> AppArgs:
 
 
 def staged_app(args: AppArgs) -> serve.Application:
-    """Application builder: Ingress + one ``Stage{k}`` deployment per stage.
+    """Application builder: the Ingress (with the stages ``args.grouping`` gives it) and one ``StageGroup``
+    deployment per later run of stages (``Stage{k}`` or ``Stage{a}-{b}``).
 
-    Default resources split ``args.num_cpus`` over the stages in proportion to the work that
-    reaches each (the planner's arithmetic, with the model's calibrated exit rates when it has them);
-    ``branched ray-plan`` writes explicit replicas / ``num_gpus`` for a cluster.
+    Default resources split ``args.num_cpus`` over the processes that compute, in proportion to the
+    work that reaches each (the planner's arithmetic, with the model's calibrated exit rates when it
+    has them); ``branched ray-plan`` measures this machine, chooses the grouping and writes explicit
+    replicas / ``num_gpus``.
     """
     args = _args(args)
     config = load_config(args.model_dir)  # fails early, with the fix, on a wrong path
     controller_for(config, args.control, args.max_batch_size, 1e3 * args.batch_wait_timeout_s)  # and here
-    stages = len(config.exits) + 1
-    _, shares = work_shares(stage_flops(config), calibrated_exit_rates(config))
+    grouping = Grouping.parse(args.grouping, len(config.exits) + 1)
+    shares = group_shares(stage_flops(config), calibrated_exit_rates(config), grouping)
     nxt = None
-    for k in reversed(range(stages)):
-        nxt = Stage.options(
-            name=f"Stage{k}", max_ongoing_requests=args.max_ongoing_requests,
-            ray_actor_options={"num_cpus": max(0.01, round(args.num_cpus * shares[k], 2))},
-        ).bind(args.model_dir, k, nxt, args.max_batch_size, args.batch_wait_timeout_s)
-    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests).bind(
-        args.model_dir, nxt, args.max_batch_size, args.batch_wait_timeout_s, args.limits, args.control)
+    for group, name, share in reversed(list(zip(grouping.groups, grouping.names, shares[1:]))):
+        nxt = StageGroup.options(
+            name=name, max_ongoing_requests=args.max_ongoing_requests,
+            ray_actor_options={"num_cpus": max(0.01, round(args.num_cpus * share, 2))},
+        ).bind(args.model_dir, list(group), nxt, args.max_batch_size, args.batch_wait_timeout_s)
+    ingress_cpus = max(0.25, round(args.num_cpus * shares[0], 2)) if grouping.ingress else 0.25
+    return Ingress.options(max_ongoing_requests=args.max_ongoing_requests,
+                           ray_actor_options={"num_cpus": ingress_cpus}).bind(
+        args.model_dir, nxt, args.max_batch_size, args.batch_wait_timeout_s, args.limits, args.control,
+        list(grouping.ingress))
 
 
 def baseline_app(args: AppArgs) -> serve.Application:

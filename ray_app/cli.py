@@ -6,11 +6,17 @@ module does not import Ray.
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
+from typing import Optional
+
 from branched.cli import add_data_args, parse_thresholds
 from branched.errors import UsageError
 
-from .planner import (calibrated_exit_rates, plan_baseline, plan_cpus, plan_gpus, serve_config,
+from .costmodel import Calibration, choose_grouping, describe
+from .grouping import Grouping
+from .options import DEFAULT_PROFILE, PROFILES, env
+from .planner import (calibrated_exit_rates, plan_baseline, plan_groups, reach_probabilities, serve_config,
                       stage_flops)
 
 __all__ = ["register"]
@@ -37,6 +43,64 @@ def _exit_rates(args: argparse.Namespace, config) -> tuple[list[float], str]:
     return result["exit_rates"], f"an evaluation on the {args.split} split ({result['samples']} samples)"
 
 
+def _calibration(args: argparse.Namespace, model_dir: str) -> Optional[Calibration]:
+    """Measurements to choose the grouping from: a saved plan's (--calibration), a fresh run (--calibrate), or None."""
+    if args.calibration:
+        import yaml
+
+        with open(args.calibration) as f:
+            doc = yaml.safe_load(f) or {}
+        staged = next((a for a in doc.get("applications") or [] if a.get("name") == "staged"), {})
+        record = (staged.get("args") or {}).get("plan") or doc  # a plan written by ray-plan, or the record alone
+        if "calibration" not in record:
+            raise UsageError(f"{args.calibration} holds no calibration; write one with `branched ray-plan ... --calibrate "
+                             "--out FILE`")
+        return Calibration.from_dict(record["calibration"])
+    if not args.calibrate:
+        return None
+    from .options import apply
+
+    apply(args.profile)  # before Ray starts: the hop is measured with the settings it will be served with
+    import ray
+    from ray import serve
+
+    from .calibrate import calibrate
+
+    device = args.device or ("cuda" if args.gpus is not None else "cpu")
+    threads = max(1, int(args.cpus_per_replica))
+    print(f"calibrating on this machine: stage compute on {device} ({threads} thread(s)), then a handle call on a "
+          f"private local Ray (Serve profile {args.profile})", file=sys.stderr)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=128 * 1024 ** 2)
+    try:
+        with socket.socket() as sock:  # a free loopback port for the probe's (unused) proxy
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        return calibrate(model_dir, args.expected_batch or args.max_batch_size, threads, device)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _grouping(args: argparse.Namespace, config, rates: list[float], out) -> tuple[Grouping, Optional[dict]]:
+    """The grouping: --grouping, else the cheapest by the calibration, else one stage per deployment."""
+    stages = len(config.exits) + 1
+    if args.grouping:
+        return Grouping.parse(args.grouping, stages), None
+    cal = _calibration(args, args.model_dir)
+    if cal is None:
+        print("  no calibration (--calibrate or --calibration FILE): one stage per deployment", file=out)
+        return Grouping.per_stage(stages), None
+    reach = reach_probabilities(rates)
+    may_host = args.gpus is None
+    best, costs = choose_grouping(reach, cal, may_host)
+    lines = describe(best, costs, reach, cal, may_host)
+    print("\n".join(lines), file=out)
+    return best.grouping, {"exit_rates": rates, "calibration": cal.to_dict(), "reasoning": lines,
+                           "work_s": best.compute, "profile": args.profile}
+
+
 def _cmd_plan(args: argparse.Namespace) -> None:
     import yaml
 
@@ -49,33 +113,43 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     rates, source = _exit_rates(args, config)
     if len(rates) != len(flops):
         raise UsageError(f"{args.model_dir} has {len(flops)} exits (last = backbone head); got {len(rates)} exit rates")
-    if args.gpus is not None:
-        plans = plan_gpus(flops, rates, args.gpus, args.cpus_per_replica)
-    else:
-        plans = plan_cpus(flops, rates, args.cpus - args.ingress_cpus * args.ingress_replicas, args.cpus_per_replica)
     apps = set(args.apps.split(","))
     if not apps or not apps <= {"staged", "baseline"}:
         raise UsageError(f"--apps takes staged, baseline or staged,baseline; got {args.apps!r}")
+    budget = f"{args.gpus} GPU(s)" if args.gpus is not None else f"{args.cpus:g} CPU(s)"
+    out = sys.stderr if args.out is None else sys.stdout
+    print(f"{args.model_dir}: {len(flops)} stages, {budget}, exit rates from {source}", file=out)
+    grouping, record = _grouping(args, config, rates, out)
+    work = record["work_s"] if record else None
+    if work is not None and not grouping.ingress:
+        work = [0.0, *work[1:]]
+    plans = plan_groups(grouping, flops, rates, args.gpus, args.cpus, args.cpus_per_replica, args.ingress_replicas,
+                        args.ingress_cpus, work)
     baseline = plan_baseline(args.gpus or 0, args.cpus or 0.0, args.cpus_per_replica) if "baseline" in apps else None
     doc = serve_config(args.model_dir, plans, baseline, staged="staged" in apps, ingress_replicas=args.ingress_replicas,
                        ingress_cpus=args.ingress_cpus, host=args.host, port=args.port,
-                       max_batch_size=args.max_batch_size)
+                       max_batch_size=args.max_batch_size, record=record)
     text = yaml.safe_dump(doc, sort_keys=False)
-    budget = f"{args.gpus} GPU(s)" if args.gpus is not None else f"{args.cpus:g} CPU(s)"
-    out = sys.stderr if args.out is None else sys.stdout
-    print(f"{args.model_dir}: {len(plans)} stages, {budget}, exit rates from {source}", file=out)
     unit = "GPUs" if args.gpus is not None else "CPUs"
-    print(f"  {'stage':>5} {'exit rate':>9} {'reach':>7} {'GFLOPs':>9} {'work share':>10} {'replicas':>8} "
+    print(f"  {'deployment':<11} {'stages':<8} {'reach':>7} {'GFLOPs':>9} {'work share':>10} {'replicas':>8} "
           f"{'num_gpus':>8} {'num_cpus':>8} {unit + ' total':>10}", file=out)
-    for p, r in zip(plans, rates):
+    for p in plans:
         total = p.replicas * (p.num_gpus if args.gpus is not None else p.num_cpus)
-        print(f"  {p.stage:>5} {r:>9.3f} {p.reach:>7.3f} {p.stage_flops / 1e9:>9.4f} {p.share:>10.3f} "
+        stages = ",".join(map(str, p.stages))
+        print(f"  {p.name:<11} {stages:<8} {p.reach:>7.3f} {p.stage_flops / 1e9:>9.4f} {p.share:>10.3f} "
               f"{p.replicas:>8} {p.num_gpus:>8.2f} {p.num_cpus:>8.2f} {total:>10.2f}", file=out)
+    variables = env(args.profile)
+    if variables:
+        print(f"  Ray Serve profile {args.profile}: start Ray and Serve with "
+              + " ".join(f"{k}={v}" for k, v in variables.items()), file=out)
     if args.out is None:
         sys.stdout.write(text)
         return
     with open(args.out, "w") as f:
         f.write(f"# Written by `branched ray-plan {args.model_dir} ...`; deploy with `serve deploy {args.out}`.\n")
+        if variables:
+            f.write("# Start Ray (every node) and Serve with: " + " ".join(f"{k}={v}" for k, v in variables.items())
+                    + "\n")
         f.write(text)
     print(f"wrote {args.out}", file=out)
 
@@ -110,5 +184,15 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to serve beyond this machine)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", help="write the config here (default: print it)")
+    g = p.add_argument_group("grouping: which process runs which stages")
+    g.add_argument("--calibrate", action="store_true", help="measure stage compute and a hop on this machine and "
+                   "choose the cheapest grouping (a private local Ray for a few seconds)")
+    g.add_argument("--calibration", help="choose from the measurements saved in an earlier plan (YAML) instead")
+    g.add_argument("--grouping", help="use this grouping: the Ingress's stages, then each deployment's, "
+                   "'|'-separated ('0|1,2'), or ingress / per-stage")
+    g.add_argument("--expected-batch", type=int, help="batch size a loaded replica runs (default --max-batch-size)")
+    g.add_argument("--device", help="where stages are timed (default: cuda with --gpus, else cpu)")
+    g.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
+                   help=f"Ray Serve settings to measure and serve with (default {DEFAULT_PROFILE}; ray_app/options.py)")
     p.set_defaults(func=_cmd_plan)
 

@@ -3,8 +3,8 @@ the Ingress's ``user_config`` (changeable live), the point broadcast to the stag
 
 The ingress sees what TorchServe's worker cannot: every arrival, how many requests are in flight, and each
 request's latency from the moment the ingress got it. It cannot see the stages' service time, so every
-``window_s / 4`` it asks each stage deployment (following the chain from ``Stage0``; each stage names the next
-in its ``stats()``) for its replica's busy seconds, and reports the busiest deployment's busy fraction with
+``window_s / 4`` it reads its own hosted stages' counters and asks each stage deployment (following the chain
+from the first; each names the next in its ``stats()``) for its replica's busy seconds, and reports the busiest deployment's busy fraction with
 the answers and mean cost of the interval (:meth:`~branched.controller.OperatingPointController.observe_work`).
 A handle call reaches one replica of a deployment; its busy fraction stands for the deployment's (Serve
 balances the load), so a stage that scales out shows less busy, and the controller moves back up.
@@ -71,14 +71,16 @@ class IngressControl:
         config: the model's config (the ladder comes from its calibration curve).
         settings: the app args' ``slo_p95_ms``, ``max_drop``, ``controller`` (None: off until a user_config).
         batch_size, batch_delay_ms: the ingress's ``@serve.batch`` settings (the controller's batch model).
-        stage0: handle to the first stage deployment (the chain of stages is followed from it).
+        stage0: handle to the first stage deployment (the chain of stages is followed from it; None when
+            the ingress hosts every stage).
+        local_stats: the ingress's own stage counters when it hosts stages (a ``StageRunner.stats`` dict).
     """
 
     def __init__(self, config, settings: Optional[Mapping[str, Any]], batch_size: int, batch_delay_ms: float,
-                 stage0: Any) -> None:
+                 stage0: Any, local_stats: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
         self.config, self.base = config, {k: v for k, v in (settings or {}).items() if k in CONTROL_KEYS}
         self.batching = (batch_size, batch_delay_ms)
-        self.stage0 = stage0
+        self.stage0, self.local_stats = stage0, local_stats
         self.controller: Optional[OperatingPointController] = None
         self.in_flight = 0
         self._answered, self._cost_sum, self._costed = 0, 0.0, 0
@@ -196,17 +198,24 @@ class IngressControl:
         from ray import serve
 
         best: Optional[float] = None
-        handle, seen = self.stage0, set()
-        while handle is not None and handle.deployment_name not in seen:
-            seen.add(handle.deployment_name)
-            stats = await asyncio.wait_for(handle.stats.remote(), timeout=5.0)
-            key = (handle.deployment_name, str(stats.get("replica", "")))
+
+        def note(deployment: str, stats: Mapping[str, Any]) -> None:
+            nonlocal best
+            key = (deployment, str(stats.get("replica", "")))
             now, busy = float(stats["time"]), float(stats["busy_s"])
             last = self._seen.get(key)
             self._seen[key] = (now, busy)
             if last is not None and now > last[0]:
                 fraction = min(1.0, max(0.0, (busy - last[1]) / (now - last[0])))
                 best = fraction if best is None else max(best, fraction)
+
+        if self.local_stats is not None:  # the stages the ingress runs itself
+            note("Ingress", self.local_stats())
+        handle, seen = self.stage0, set()
+        while handle is not None and handle.deployment_name not in seen:
+            seen.add(handle.deployment_name)
+            stats = await asyncio.wait_for(handle.stats.remote(), timeout=5.0)
+            note(handle.deployment_name, stats)
             name = stats.get("next")
             if name and name not in self._handles:
                 self._handles[name] = serve.get_deployment_handle(name, app_name=handle.app_name)

@@ -9,7 +9,10 @@ A sample reaches stage ``k`` only if it did not leave at exits ``0..k-1``, so wi
 
 Each stage gets ``share_k`` of the budget: ``share_k * G`` GPUs (as replicas with a fractional
 ``num_gpus`` that pack onto whole GPUs) or ``share_k`` of the CPUs (as replicas of a fixed size).
-Pure arithmetic: no Ray here, so the CLI and the tests run without a cluster.
+When several stages share a process (:mod:`ray_app.grouping`), the process gets the sum of their
+shares (:func:`group_shares`, :func:`plan_groups`); which stages share one is chosen in
+:mod:`ray_app.costmodel` from measurements. Pure arithmetic: no Ray here, so the CLI and the tests
+run without a cluster.
 """
 from __future__ import annotations
 
@@ -18,23 +21,27 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-__all__ = ["StagePlan", "calibrated_exit_rates", "stage_flops", "reach_probabilities", "work_shares", "plan_gpus",
-           "plan_cpus", "plan_baseline", "pack_fractions", "serve_config"]
+from .grouping import Grouping, deployment_name
+
+__all__ = ["StagePlan", "calibrated_exit_rates", "stage_flops", "reach_probabilities", "work_shares", "group_shares",
+           "plan_gpus", "plan_cpus", "plan_groups", "plan_baseline", "pack_fractions", "serve_config"]
 
 GPU_STEP = 0.01  # num_gpus is rounded down to this grain, so fractions add up predictably
 
 
 @dataclass
 class StagePlan:
-    """Resources of one stage deployment.
+    """Resources of one deployment that hosts a run of stages (one stage in the per-stage layout).
 
     Attributes:
-        stage: stage index ``k``.
-        reach: probability that a request reaches the stage.
-        stage_flops: FLOPs of segment ``k`` + exit ``k`` for one sample.
-        share: the stage's share of the total work.
+        stage: its first stage ``k``.
+        reach: probability that a request reaches that stage.
+        stage_flops: FLOPs of its segments + exits for one sample.
+        share: its share of the total work.
         replicas: ``num_replicas``.
         num_cpus, num_gpus: per replica (``ray_actor_options``).
+        stages: the stages it hosts (default: ``stage`` alone).
+        name: the deployment name (default: ``Stage{k}`` / ``Stage{a}-{b}``; ``Ingress`` when the Ingress hosts them).
     """
 
     stage: int
@@ -44,6 +51,12 @@ class StagePlan:
     replicas: int
     num_cpus: float
     num_gpus: float = 0.0
+    stages: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.stages = tuple(self.stages) or (self.stage,)
+        self.name = self.name or deployment_name(self.stages)
 
 
 def calibrated_exit_rates(config) -> Optional[list[float]]:
@@ -93,6 +106,22 @@ def work_shares(stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]
     if total <= 0:
         raise ValueError("no stage does any work; check the exit rates and the model's cost table")
     return reach, [w / total for w in work]
+
+
+def group_shares(stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]], grouping: Grouping,
+                 work: Optional[Sequence[float]] = None) -> list[float]:
+    """Share of the work of each process run: the Ingress's first (0 when it hosts no stage), then each deployment's.
+
+    Args:
+        stage_flops, exit_rates: as for :func:`work_shares` (FLOPs-weighted shares).
+        grouping: which process runs which stages.
+        work: measured seconds per request of each run instead (``GroupingCost.compute``), if known.
+    """
+    if work is not None:
+        total = sum(work)
+        return [w / total if total > 0 else 0.0 for w in work]
+    _, shares = work_shares(stage_flops, exit_rates)
+    return [sum(shares[k] for k in run) for run in (grouping.ingress, *grouping.groups)]
 
 
 def _largest_remainder(total: int, shares: Sequence[float], minimum: int = 1) -> list[int]:
@@ -146,18 +175,10 @@ def _fit(want: Sequence[float], replicas: Sequence[int], gpus: int) -> tuple[flo
     return 0.0, []
 
 
-def plan_gpus(stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]], gpus: int,
-              cpus_per_replica: float = 1.0) -> list[StagePlan]:
-    """Give stage ``k`` about ``share_k * gpus`` GPUs, as replicas with equal fractional ``num_gpus``.
-
-    A stage needs at least ``ceil(share_k * gpus)`` replicas (a replica holds at most one GPU). Ray
-    puts a fractional replica on one GPU, so the per-replica fractions (rounded down to 0.01) must
-    pack onto the GPUs; among up to two extra replicas per stage, the plan that packs with the
-    least common shrinking of the fractions wins (then the one with fewer replicas).
-    """
+def _gpu_replicas(shares: Sequence[float], gpus: int) -> tuple[list[int], list[float]]:
+    """Replicas and per-replica ``num_gpus`` giving each unit about ``share * gpus`` GPUs (see :func:`plan_gpus`)."""
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
-    reach, shares = work_shares(stage_flops, exit_rates)
     want = [s * gpus for s in shares]
     least = [max(1, math.ceil(w - 1e-9)) for w in want]
     extra = range(3) if 3 ** len(want) <= 729 else range(1)
@@ -169,9 +190,33 @@ def plan_gpus(stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]],
         scale, per = _fit(want, replicas, gpus)
         if (scale, -sum(replicas)) > (best[0], best[1]):
             best = (scale, -sum(replicas), replicas, per)
-    scale, _, replicas, per = best
-    if not replicas:
-        raise ValueError(f"{len(stage_flops)} stages do not fit on {gpus} GPU(s); give more GPUs")
+    if not best[2]:
+        raise ValueError(f"{len(shares)} deployments do not fit on {gpus} GPU(s); give more GPUs")
+    return best[2], best[3]
+
+
+def _cpu_replicas(shares: Sequence[float], cpus: float, cpus_per_replica: float) -> tuple[list[int], list[float]]:
+    """Replicas and per-replica ``num_cpus`` giving each unit about ``share * cpus`` CPUs (see :func:`plan_cpus`)."""
+    if cpus <= 0 or cpus_per_replica <= 0:
+        raise ValueError(f"--cpus (less the ingress's) and --cpus-per-replica must be > 0, got {cpus:g} and "
+                         f"{cpus_per_replica:g}")
+    slots = int(math.floor(cpus / cpus_per_replica + 1e-9))
+    if slots >= len(shares):
+        return _largest_remainder(slots, shares), [cpus_per_replica] * len(shares)
+    return [1] * len(shares), [max(0.01, math.floor(s * cpus * 100) / 100) for s in shares]
+
+
+def plan_gpus(stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]], gpus: int,
+              cpus_per_replica: float = 1.0) -> list[StagePlan]:
+    """Give stage ``k`` about ``share_k * gpus`` GPUs, as replicas with equal fractional ``num_gpus``.
+
+    A stage needs at least ``ceil(share_k * gpus)`` replicas (a replica holds at most one GPU). Ray
+    puts a fractional replica on one GPU, so the per-replica fractions (rounded down to 0.01) must
+    pack onto the GPUs; among up to two extra replicas per stage, the plan that packs with the
+    least common shrinking of the fractions wins (then the one with fewer replicas).
+    """
+    reach, shares = work_shares(stage_flops, exit_rates)
+    replicas, per = _gpu_replicas(shares, gpus)
     return [StagePlan(k, reach[k], int(stage_flops[k]), shares[k], replicas[k], cpus_per_replica, per[k])
             for k in range(len(stage_flops))]
 
@@ -184,16 +229,53 @@ def plan_cpus(stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]],
     split by largest remainder (at least one each); otherwise every stage is one replica with a
     fractional ``num_cpus`` of ``share_k * cpus`` (at least 0.01).
     """
-    if cpus <= 0 or cpus_per_replica <= 0:
-        raise ValueError("--cpus and --cpus-per-replica must be > 0")
     reach, shares = work_shares(stage_flops, exit_rates)
-    slots = int(math.floor(cpus / cpus_per_replica + 1e-9))
-    n = len(stage_flops)
-    if slots >= n:
-        reps = _largest_remainder(slots, shares)
-        return [StagePlan(k, reach[k], int(stage_flops[k]), shares[k], reps[k], cpus_per_replica) for k in range(n)]
-    return [StagePlan(k, reach[k], int(stage_flops[k]), shares[k], 1,
-                      max(0.01, math.floor(shares[k] * cpus * 100) / 100)) for k in range(n)]
+    replicas, per = _cpu_replicas(shares, cpus, cpus_per_replica)
+    return [StagePlan(k, reach[k], int(stage_flops[k]), shares[k], replicas[k], per[k])
+            for k in range(len(stage_flops))]
+
+
+def plan_groups(grouping: Grouping, stage_flops: Sequence[int], exit_rates: Optional[Sequence[float]],
+                gpus: Optional[int] = None, cpus: Optional[float] = None, cpus_per_replica: float = 1.0,
+                ingress_replicas: int = 1, ingress_cpus: float = 1.0,
+                work: Optional[Sequence[float]] = None) -> list[StagePlan]:
+    """Resources of every process run of ``grouping`` that computes, in order: an ``Ingress`` entry first
+    when the Ingress hosts stages, then one entry per deployment.
+
+    With ``gpus``, the deployments share the GPUs as :func:`plan_gpus` shares them among stages (the
+    Ingress may not host stages then). With ``cpus``, an Ingress that hosts no stage keeps
+    ``ingress_replicas x ingress_cpus`` and the rest is split as :func:`plan_cpus` splits it; an Ingress
+    that hosts stages takes its share of all of them, in at least ``ingress_replicas`` replicas.
+
+    Args:
+        work: measured seconds per request of each run (Ingress first), to share by instead of FLOPs.
+    """
+    if (gpus is None) == (cpus is None):
+        raise ValueError("give the budget as exactly one of gpus or cpus")
+    reach, _ = work_shares(stage_flops, exit_rates)
+    runs = [grouping.ingress, *grouping.groups]
+    shares = group_shares(stage_flops, exit_rates, grouping, work)
+    if not grouping.ingress:
+        runs, shares = runs[1:], shares[1:]
+        total = sum(shares)
+        shares = [s / total for s in shares]
+    if gpus is not None:
+        if grouping.ingress:
+            raise ValueError("with --gpus the stages run on GPU replicas; the Ingress (CPU) cannot host stages")
+        replicas, per = _gpu_replicas(shares, gpus)
+        options = [(cpus_per_replica, g) for g in per]
+    else:
+        budget = cpus if grouping.ingress else cpus - ingress_replicas * ingress_cpus
+        replicas, per = _cpu_replicas(shares, budget, cpus_per_replica)
+        if grouping.ingress and replicas[0] < ingress_replicas:
+            replicas[0] = ingress_replicas
+        options = [(c, 0.0) for c in per]
+    plans = []
+    for i, (run, share) in enumerate(zip(runs, shares)):
+        name = "Ingress" if i == 0 and grouping.ingress else ""
+        plans.append(StagePlan(run[0], reach[run[0]], int(sum(stage_flops[k] for k in run)), share, replicas[i],
+                               options[i][0], options[i][1], tuple(run), name))
+    return plans
 
 
 def plan_baseline(gpus: int = 0, cpus: float = 0.0, cpus_per_replica: float = 1.0) -> tuple[int, dict[str, float]]:
@@ -212,33 +294,41 @@ def plan_baseline(gpus: int = 0, cpus: float = 0.0, cpus_per_replica: float = 1.
 
 def serve_config(model_dir: str, plans: Sequence[StagePlan], baseline: Optional[tuple[int, dict]] = None,
                  staged: bool = True, ingress_replicas: int = 1, ingress_cpus: float = 1.0,
-                 host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32) -> dict[str, Any]:
+                 host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
+                 record: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """A Serve config (the ``serve run`` / ``serve deploy`` schema) with the planned resources.
 
     Args:
         model_dir: the model directory every node can read.
-        plans: one :class:`StagePlan` per stage.
+        plans: one :class:`StagePlan` per deployment that computes (:func:`plan_groups`; an ``Ingress``
+            entry first when the Ingress hosts stages), or one per stage (:func:`plan_cpus` / :func:`plan_gpus`).
         baseline: ``(num_replicas, ray_actor_options)`` of the baseline app (:func:`plan_baseline`),
             or None to leave it out.
         staged: include the staged app.
-        ingress_replicas, ingress_cpus: the staged app's HTTP ingress (decodes images; CPU only).
+        ingress_replicas, ingress_cpus: the staged app's HTTP ingress when it hosts no stage (decodes images; CPU only).
         host, port: where Serve's HTTP proxy listens.
         max_batch_size: ``@serve.batch`` size of every stage and of the baseline.
+        record: what the planner measured and decided, kept in the staged app's ``args.plan``.
     """
     args = {"model_dir": model_dir, "max_batch_size": max_batch_size}
     ongoing = max(256, 8 * max_batch_size)  # a stage holds a request until later stages answer it
     applications = []
     if staged:
-        deployments = [{"name": "Ingress", "num_replicas": ingress_replicas, "max_ongoing_requests": ongoing,
-                        "ray_actor_options": {"num_cpus": ingress_cpus}}]
-        for p in plans:
+        ingress = plans[0] if plans and plans[0].name == "Ingress" else None
+        groups = [p for p in plans if p is not ingress]
+        grouping = Grouping(ingress.stages if ingress else (), tuple(p.stages for p in groups))
+        deployments = [{"name": "Ingress", "num_replicas": ingress.replicas if ingress else ingress_replicas,
+                        "max_ongoing_requests": ongoing,
+                        "ray_actor_options": {"num_cpus": ingress.num_cpus if ingress else ingress_cpus}}]
+        for p in groups:
             options: dict[str, Any] = {"num_cpus": p.num_cpus}
             if p.num_gpus:
                 options["num_gpus"] = p.num_gpus
-            deployments.append({"name": f"Stage{p.stage}", "num_replicas": p.replicas,
+            deployments.append({"name": p.name, "num_replicas": p.replicas,
                                 "max_ongoing_requests": ongoing, "ray_actor_options": options})
+        staged_args = {**args, "grouping": str(grouping), **({"plan": record} if record else {})}
         applications.append({"name": "staged", "route_prefix": "/", "import_path": "ray_app.app:staged_app",
-                             "args": dict(args), "deployments": deployments})
+                             "args": staged_args, "deployments": deployments})
     if baseline is not None:
         replicas, options = baseline
         applications.append({"name": "baseline", "route_prefix": "/baseline",

@@ -1,9 +1,15 @@
 """Serve both Ray Serve apps (staged + baseline) of one model on a private local Ray, until stopped.
 
-``python -m ray_app.server --model-dir models/demo --port 8000`` starts a local Ray of its own (no
+``python -m ray_app.server --model-dir models/demo --port 8000`` applies a Ray Serve profile
+(:mod:`ray_app.options`; ``tuned`` by default: direct ingress), starts a local Ray of its own (no
 dashboard, capped object store), runs ``staged_app`` at ``/`` and ``baseline_app`` at ``/baseline``
-on 127.0.0.1, and serves until SIGINT/SIGTERM, then shuts Serve and Ray down. The load-test harness
-starts it as a child process (:class:`loadtests.launchers.RayServe`).
+on 127.0.0.1, and serves until SIGINT/SIGTERM, then shuts Serve and Ray down. The staged app's
+grouping is ``--grouping`` (``auto``: measure this machine and let the planner choose, as ``branched
+ray-plan --calibrate`` does), or the apps come from a Serve config (``--config plan.yaml``).
+
+Once both apps answer it prints, and writes to ``--ready-file``, where each app is served: with
+direct ingress, each app's own replica port (no proxy on the way); else the proxy's port. The
+load-test harness starts it as a child process (:class:`loadtests.launchers.RayServe`).
 """
 from __future__ import annotations
 
@@ -13,9 +19,82 @@ import os
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
-__all__ = ["main"]
+from .options import DEFAULT_PROFILE, PROFILES, apply, direct_ingress, logging_config
+
+__all__ = ["main", "app_urls"]
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--env takes NAME=VALUE, got {text!r}")
+    return key, value
+
+
+def app_urls(port: int, direct: bool) -> dict[str, str]:
+    """Base URL of each running app (the route prefix included): each ingress replica's own port with
+    direct ingress (the first replica's; put a load balancer in front of several), else the proxy's."""
+    from ray.serve.context import _get_global_client  # what `serve status` reads, with the target ports
+
+    details = _get_global_client().get_serve_details()
+    urls = {}
+    for name, app in details.get("applications", {}).items():
+        prefix = (app.get("route_prefix") or "/").rstrip("/")
+        urls[name] = f"http://127.0.0.1:{port}{prefix}"
+    if direct:
+        for group in details.get("target_groups", []):
+            targets = group.get("targets") or []
+            if group.get("protocol") == "HTTP" and targets and group.get("app_name") in urls:
+                prefix = (group.get("route_prefix") or "/").rstrip("/")
+                urls[group["app_name"]] = f"http://127.0.0.1:{targets[0]['port']}{prefix}"
+    return urls
+
+
+def _auto_grouping(model_dir: str, num_cpus: float, batch: int) -> tuple[str, dict[str, Any]]:
+    """Calibrate on this machine and let the planner choose the grouping; prints its reasoning."""
+    from branched.artifact import load_config
+
+    from .calibrate import calibrate
+    from .costmodel import choose_grouping, describe
+    from .planner import calibrated_exit_rates, reach_probabilities
+
+    config = load_config(model_dir)
+    rates = calibrated_exit_rates(config) or [0.0] * len(config.exits) + [1.0]
+    reach = reach_probabilities(rates)
+    cal = calibrate(model_dir, batch, threads=max(1, int(num_cpus)))
+    best, costs = choose_grouping(reach, cal)
+    lines = describe(best, costs, reach, cal)
+    print("\n".join(["[ray-plan] " + line for line in lines]), flush=True)
+    return str(best.grouping), {"exit_rates": rates, "calibration": cal.to_dict(), "reasoning": lines}
+
+
+def _deploy_config(path: str, port: int) -> None:
+    """Deploy a Serve config file (``serve run`` / ``branched ray-plan`` format) the way ``serve run`` does."""
+    import yaml
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    doc["http_options"] = {**(doc.get("http_options") or {}), "host": "127.0.0.1", "port": port}
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(doc))
+
+
+def _wait_running(names: list[str], timeout_s: float = 600) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        if set(names) <= set(apps) and all(apps[n].status == "RUNNING" for n in names):
+            return
+        failed = {n: apps[n].message for n in names if n in apps and apps[n].status == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed}")
+        time.sleep(0.5)
+    raise RuntimeError(f"apps {names} not running after {timeout_s:.0f}s")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -26,12 +105,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     p.add_argument("--object-store-mb", type=int, default=256)
+    p.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES), help="Ray Serve settings (ray_app/options.py)")
+    p.add_argument("--env", type=_env_pair, action="append", default=[], help="extra NAME=VALUE for Ray (repeatable)")
+    p.add_argument("--grouping", default="auto", help="auto (measure, then plan), ingress, per-stage or e.g. '0|1,2'")
+    p.add_argument("--config", help="deploy this Serve config (e.g. from `branched ray-plan`) instead")
+    p.add_argument("--ready-file", help="write the apps' URLs, grouping and plan here as JSON once they answer")
     p.add_argument("--staged-args", type=json.loads, default={},
                    help='more staged-app args as JSON, e.g. \'{"slo_p95_ms": 200, "max_drop": 0.02}\'')
     args = p.parse_args(argv)
 
     # A new HTTP proxy gets 5 s to report ready by default; on a small, busy machine importing it takes longer.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    variables = apply(args.profile, dict(args.env))  # before Ray or ray.serve is imported
     import ray
     from ray import serve
 
@@ -42,19 +127,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     # address="local": always a fresh cluster of our own, never one that happens to run on this host.
     # Logical CPUs are scheduling tokens; the process affinity confines the physical cores. Enough
-    # tokens for the stages (num_cpus split by work), the ingress and the baseline replica.
-    ray.init(address="local", num_cpus=max(4.0, args.num_cpus + 2), object_store_memory=args.object_store_mb * 1024 ** 2,
+    # tokens for the staged app (num_cpus split by work), the baseline (num_cpus) and the probes.
+    ray.init(address="local", num_cpus=2 * args.num_cpus + 2, object_store_memory=args.object_store_mb * 1024 ** 2,
              include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-        common = {"model_dir": args.model_dir, "max_batch_size": args.max_batch_size,
-                  "batch_wait_timeout_s": args.batch_wait_timeout_s}
-        # The stages share the CPUs by work (the app's own split); the baseline replica may use them all.
-        serve.run(staged_app({**common, "num_cpus": args.num_cpus, **args.staged_args}), name="staged",
-                  route_prefix="/")
-        serve.run(baseline_app({**common, "num_cpus": min(1.0, args.num_cpus)}), name="baseline",
-                  route_prefix="/baseline")
-        print(f"serving on http://127.0.0.1:{args.port} (POST /predict, POST /baseline/predict)", flush=True)
+        serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=logging_config(args.profile))
+        plan: dict[str, Any] = {}
+        if args.config:
+            _deploy_config(args.config, args.port)
+            grouping = "from " + args.config
+        else:
+            grouping = args.grouping
+            if grouping == "auto":
+                grouping, plan = _auto_grouping(args.model_dir, args.num_cpus, args.max_batch_size)
+            common = {"model_dir": args.model_dir, "max_batch_size": args.max_batch_size,
+                      "batch_wait_timeout_s": args.batch_wait_timeout_s}
+            # The staged app's processes share the CPUs by work; the baseline replica may use them all.
+            serve.run(staged_app({**common, "num_cpus": args.num_cpus, "grouping": grouping, **args.staged_args}),
+                      name="staged",
+                      route_prefix="/")
+            serve.run(baseline_app({**common, "num_cpus": args.num_cpus}), name="baseline", route_prefix="/baseline")
+        _wait_running(["staged", "baseline"])
+        urls = app_urls(args.port, direct_ingress(variables))
+        ready = {"urls": urls, "proxy": f"http://127.0.0.1:{args.port}", "profile": args.profile, "env": variables,
+                 "grouping": grouping, "plan": plan}
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as f:
+                json.dump(ready, f, indent=1)
+            os.replace(args.ready_file + ".tmp", args.ready_file)
+        print(f"serving on {urls} (grouping {grouping}, profile {args.profile})", flush=True)
         while not stop:
             time.sleep(0.5)
     finally:

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from loadtests.compare import compare
+from ray_app.grouping import Grouping
 
 from helpers import save_mnist_model
 
@@ -36,3 +37,21 @@ def test_comparison_report_is_consistent(server, model_dir, tmp_path):
         assert 0.0 <= report[key] <= 1.0
     for lat in (report["early_exit_latency_ms"], report["baseline_latency_ms"]):
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    # what serving costs beyond the model: CPU per request by process, the model's own compute, the bound
+    cpu, compute = report["cpu_ms_per_request"], report["compute_ms"]
+    roles = {"torchserve": ({"frontend", "workers"}, {"frontend", "workers"}),
+             "ray": ({"replica staged/Ingress"}, {"replica baseline/Baseline"})}[server]
+    for variant, busy in zip(("early_exit", "baseline"), roles):
+        assert busy <= set(cpu[variant]) and all(cpu[variant][r] > 0 for r in busy), cpu[variant]
+        assert cpu[variant]["total"] == pytest.approx(sum(v for k, v in cpu[variant].items() if k != "total"), abs=0.01)
+    assert 0 < compute["routed"] < compute["backbone"]
+    overhead = cpu["baseline"]["total"] - compute["backbone"]
+    assert report["overhead_ms"] == pytest.approx(max(0.0, overhead), abs=0.01)
+    o = report["overhead_ms"]
+    assert report["serving_bound"] == pytest.approx((o + compute["backbone"]) / (o + compute["routed"]))
+    assert report["serving_bound"] <= report["ideal_speedup"] * 1.5  # a measured bound, beside the FLOPs ideal
+    if server == "ray":  # the planner measured this machine and chose; direct ingress: the apps' own ports
+        ray = report["ray"]
+        Grouping.parse(ray["grouping"], 3)
+        assert "chosen:" in " ".join(ray["plan"]["reasoning"]) and ray["plan"]["calibration"]["call_s"] > 0
+        assert ray["profile"] == "tuned" and not ray["urls"]["staged"].startswith(ray["proxy"])

@@ -7,6 +7,7 @@ run time. The planner's arithmetic and the config it writes are checked without 
 """
 import base64
 import copy
+import os
 import io
 import socket
 import time
@@ -31,6 +32,7 @@ from branched.artifact import load_config, save_model
 from branched.cli import main as cli_main
 from branched.routing import exit_score
 from branched.serving import Predictor
+from ray_app.grouping import Grouping
 from ray_app.planner import pack_fractions, plan_cpus, plan_gpus, stage_flops, work_shares
 
 from helpers import between, free_port, make_model, png, readme_curls, run_curl
@@ -81,7 +83,7 @@ def config_for(model_dir: str, ingress_user_config=None, stage0_user_config=None
     return cfg
 
 
-def deploy(cfg: dict, timeout_s: float = 240) -> None:
+def deploy(cfg: dict, timeout_s: float = 480) -> None:
     """Apply a Serve config the way `serve run CONFIG` / `serve deploy CONFIG` do, and wait until RUNNING."""
     _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg))
     names = {a["name"] for a in cfg["applications"]}
@@ -96,22 +98,52 @@ def deploy(cfg: dict, timeout_s: float = 240) -> None:
     raise TimeoutError(f"apps not running after {timeout_s}s: {serve.status().applications}")
 
 
+#: Besides the config's per-stage app ("|0|1|2"): stage 0 in the Ingress with the rest in one deployment, and every
+#: stage in the Ingress, each as an app of its own at /g{i}. With the per-stage app they cover every part a grouping
+#: is made of (an Ingress that hosts none, some or all stages; one- and multi-stage deployments; hand-offs from the
+#: Ingress and between deployments). test_grouping.py holds every grouping's chain of runs to the core in process.
+GROUPINGS = ["0|1,2", "0,1,2"]
+
+
 @pytest.fixture(scope="module")
 def server(model_dir):
     port = free_port()
-    ray.init(address="local", num_cpus=4, object_store_memory=80 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, object_store_memory=80 * 1024 ** 2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        deploy(config_for(model_dir))
+        cfg = config_for(model_dir)
+        staged = next(a for a in cfg["applications"] if a["name"] == "staged")
+        for i, grouping in enumerate(GROUPINGS):
+            cfg["applications"].append({**copy.deepcopy(staged), "name": f"g{i}", "route_prefix": f"/g{i}",
+                                        "args": {**staged["args"], "grouping": grouping, "num_cpus": 0.1}})
+        deploy(cfg)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def stage_stats() -> list[dict]:
-    return [serve.get_deployment_handle(f"Stage{k}", app_name="staged").stats.remote().result()
-            for k in range(STAGES)]
+def stage_stats(app: str = "staged", grouping: str = "per-stage") -> list[dict]:
+    """Per stage, the counters of the replica that hosts it (the Ingress or a StageGroup)."""
+    g = Grouping.parse(grouping, STAGES)
+    names = (["Ingress"] if g.ingress else []) + g.names
+    stats = [s for name in names
+             for s in serve.get_deployment_handle(name, app_name=app).stats.remote().result()["stages"]]
+    return sorted(stats, key=lambda s: s["stage"])
+
+
+def send_concurrently(url: str, images: list[bytes]) -> list[requests.Response]:
+    """POST every image at once, in the three body encodings TorchServe accepts."""
+    def send(i: int) -> requests.Response:
+        b = images[i]
+        if i % 3 == 0:
+            return post(url, b, headers={"Content-Type": "image/png"})
+        if i % 3 == 1:
+            return requests.post(url, files={"data": ("x.png", b, "image/png")}, timeout=120)
+        return requests.post(url, json={"image": base64.b64encode(b).decode()}, timeout=120)
+
+    with ThreadPoolExecutor(len(images)) as pool:
+        return list(pool.map(send, range(len(images))))
 
 
 def post(url: str, data: bytes, params=None, headers=None) -> requests.Response:
@@ -126,29 +158,22 @@ def assert_same(answer: dict, expected: dict) -> None:
         assert answer[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-5), key
 
 
-def test_concurrent_answers_equal_the_core_and_stages_see_only_survivors(server, reference):
+@pytest.mark.parametrize("app", ["staged", *[f"g{i}" for i in range(len(GROUPINGS))]])
+def test_every_grouping_answers_as_the_core_and_stages_see_only_survivors(server, reference, app):
+    grouping = "per-stage" if app == "staged" else GROUPINGS[int(app[1:])]
     images = [png(i) for i in range(N_IMAGES)]
     expected = [reference(b) for b in images]
     exits = [e["exit"] for e in expected]
     assert set(exits) == set(range(STAGES)), f"thresholds should spread images over all exits: {exits}"
-
-    def send(i: int) -> requests.Response:  # the three body encodings TorchServe accepts
-        b = images[i]
-        if i % 3 == 0:
-            return post(f"{server}/predict", b, headers={"Content-Type": "image/png"})
-        if i % 3 == 1:
-            return requests.post(f"{server}/predict", files={"data": ("x.png", b, "image/png")}, timeout=120)
-        return requests.post(f"{server}/predict", json={"image": base64.b64encode(b).decode()}, timeout=120)
-
-    before = stage_stats()
-    with ThreadPoolExecutor(N_IMAGES) as pool:
-        responses = list(pool.map(send, range(N_IMAGES)))
-    after = stage_stats()
+    prefix = "" if app == "staged" else f"/{app}"
+    before = stage_stats(app, grouping)
+    responses = send_concurrently(f"{server}{prefix}/predict", images)
+    after = stage_stats(app, grouping)
     for r, e in zip(responses, expected):
         assert r.status_code == 200, r.text
         assert_same(r.json(), e)
     received = [a["samples"] - b["samples"] for a, b in zip(after, before)]
-    assert received == [sum(e >= k for e in exits) for k in range(STAGES)], "a stage sees only survivors"
+    assert received == [sum(e >= k for e in exits) for k in range(STAGES)], f"{grouping}: a stage sees only survivors"
     assert [a["exited"] - b["exited"] for a, b in zip(after, before)] == [exits.count(k) for k in range(STAGES)]
     forwarded = [a["forwarded"] - b["forwarded"] for a, b in zip(after, before)]
     assert forwarded[:-1] == received[1:] and forwarded[-1] == 0
@@ -279,3 +304,25 @@ def test_the_readmes_curl_commands_answer(server, tmp_path):
     for command in commands:
         answer = run_curl(command, str(tmp_path), {"http://127.0.0.1:8000": server})
         assert {"class_index", "label", "confidence", "exit", "cost_fraction"} <= set(answer), (command, answer)
+
+
+def test_plan_command_calibrates_this_machine(model_dir, tmp_path):
+    """`ray-plan --calibrate` in a process of its own (it starts a private Ray): measurements, reasons, a plan."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "plan.yaml"
+    proc = subprocess.run([sys.executable, "-m", "branched.cli", "ray-plan", model_dir, "--cpus", "2", "--calibrate",
+                           "--max-batch-size", "4", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "a hop costs" in proc.stdout and "chosen:" in proc.stdout and "frees" in proc.stdout, proc.stdout
+    cfg = yaml.safe_load(out.read_text())
+    ServeDeploySchema.model_validate(cfg)
+    staged = cfg["applications"][0]
+    cal = staged["args"]["plan"]["calibration"]
+    assert cal["call_s"] > 0 and cal["batch_size"] == 4 and len(cal["step_seconds"]) == STAGES
+    assert sorted(int(b) for b in cal["step_seconds"][0]) == [1, 2, 4]
+    g = Grouping.parse(staged["args"]["grouping"], STAGES)
+    assert [d["name"] for d in staged["deployments"]] == ["Ingress", *g.names]
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in out.read_text().splitlines()[1]

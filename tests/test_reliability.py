@@ -120,13 +120,15 @@ def store(served, tmp_path_factory) -> str:
 def servers(served, store, tmp_path_factory):
     """``{"torchserve": (TorchServe, predict URL), "ray": (RayServe, predict URL)}``, started side by side."""
     ts = TorchServe(store, str(tmp_path_factory.mktemp("ts")), {NAME: f"{NAME}.mar"})
+    # The default Ray Serve profile (direct ingress: the staged app's Ingress replica serves HTTP on its own port),
+    # stage 0 in the Ingress and stages 1-2 in one deployment: bad input meets the Ingress, good requests cross a hop.
     ray = RayServe(served.model_dir, max_batch_size=8, batch_wait_timeout_s=0.02,
-                   log_path=str(tmp_path_factory.mktemp("ray") / "ray.log"))
+                   log_path=str(tmp_path_factory.mktemp("ray") / "ray.log"), grouping="0|1,2")
     try:
         with ThreadPoolExecutor(2) as pool:  # both start mostly waiting (JVM, Ray cluster): overlap them
             for f in [pool.submit(ts.start), pool.submit(ray.start)]:
                 f.result()
-        yield {"torchserve": (ts, f"{ts.inference_url}/predictions/{NAME}"), "ray": (ray, f"{ray.url}/predict")}
+        yield {"torchserve": (ts, f"{ts.inference_url}/predictions/{NAME}"), "ray": (ray, f"{ray.urls['staged']}/predict")}
     finally:
         ts.stop()
         ray.stop()
