@@ -6,12 +6,15 @@ module does not import Ray.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from typing import Optional
+
 from branched.cli import add_data_args, parse_thresholds
 from branched.errors import UsageError
 
-from .planner import (calibrated_exit_rates, plan_baseline, plan_cpus, plan_gpus, serve_config,
-                      stage_flops)
+from .planner import (calibrated_exit_rates, demand_totals, place_deployments, plan_baseline, plan_cpus, plan_gpus,
+                      serve_config, stage_flops, unplaceable)
 
 __all__ = ["register"]
 
@@ -60,6 +63,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     doc = serve_config(args.model_dir, plans, baseline, staged="staged" in apps, ingress_replicas=args.ingress_replicas,
                        ingress_cpus=args.ingress_cpus, host=args.host, port=args.port,
                        max_batch_size=args.max_batch_size)
+    place_deployments(doc, dict(args.pin or []), {d: tuple(kv.split("=", 1)) for d, kv in args.prefer or []},
+                      args.proxy_location)
     text = yaml.safe_dump(doc, sort_keys=False)
     budget = f"{args.gpus} GPU(s)" if args.gpus is not None else f"{args.cpus:g} CPU(s)"
     out = sys.stderr if args.out is None else sys.stdout
@@ -71,6 +76,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         total = p.replicas * (p.num_gpus if args.gpus is not None else p.num_cpus)
         print(f"  {p.stage:>5} {r:>9.3f} {p.reach:>7.3f} {p.stage_flops / 1e9:>9.4f} {p.share:>10.3f} "
               f"{p.replicas:>8} {p.num_gpus:>8.2f} {p.num_cpus:>8.2f} {total:>10.2f}", file=out)
+    _check_resources(args, doc, out)
     if args.out is None:
         sys.stdout.write(text)
         return
@@ -78,6 +84,63 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         f.write(f"# Written by `branched ray-plan {args.model_dir} ...`; deploy with `serve deploy {args.out}`.\n")
         f.write(text)
     print(f"wrote {args.out}", file=out)
+
+
+def _cluster_nodes(url: str) -> Optional[list[dict[str, float]]]:
+    """Total resources of each alive node of the Ray cluster whose dashboard is at ``url``; None if none answers."""
+    import requests
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if not token and os.path.isfile(path):
+        with open(path) as f:
+            token = f.read().strip()
+    try:
+        r = requests.get(f"{url.rstrip('/')}/api/v0/nodes?limit=10000", timeout=3,
+                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        r.raise_for_status()
+        nodes = r.json()["data"]["result"]["result"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None
+    return [n.get("resources_total") or {} for n in nodes if n.get("state") == "ALIVE"]
+
+
+def _check_resources(args: argparse.Namespace, doc: dict, out) -> None:
+    """Print what the plan asks for; refuse a plan the reachable cluster cannot place, warn when both apps
+    together ask for more than the budget given."""
+    totals = demand_totals(doc)
+    cpus, gpus = (round(sum(t.get(k, 0.0) for t in totals.values()), 2) for k in ("CPU", "GPU"))
+    print(f"plan asks for {cpus:g} CPUs, {gpus:g} GPUs in all: " + ", ".join(
+        f"{app} {t.get('CPU', 0):g} CPUs" + (f" {t['GPU']:g} GPUs" if t.get("GPU") else "") for app, t in totals.items()),
+        file=out)
+    budget = ("--gpus", args.gpus, max(1, args.gpus // 2)) if args.gpus is not None else \
+        ("--cpus", args.cpus, args.cpus / 2)
+    fix = f"deploy one app (--apps staged) or give each app half the budget ({budget[0]} {budget[2]:g})" \
+        if len(totals) > 1 else f"plan with the cluster's own budget ({budget[0]})"
+    nodes = None if args.no_check else _cluster_nodes(args.address)
+    if nodes is not None:
+        left = unplaceable(doc, nodes)
+        have = {k: round(sum(n.get(k, 0.0) for n in nodes), 2) for k in ("CPU", "GPU")}
+        where = f"the cluster at {args.address} ({len(nodes)} nodes, {have['CPU']:g} CPUs, {have['GPU']:g} GPUs)"
+        if left:
+            raise UsageError(f"{where} cannot place {len(left)} replica(s) of this plan ({'; '.join(left[:3])}): "
+                             f"Serve would keep them UPDATING and requests would hang; {fix}")
+        print(f"fits {where}", file=out)
+        return
+    if not args.no_check:
+        print(f"no Ray cluster answered at {args.address} (--address); checked against {budget[0]} only", file=out)
+    need = gpus if args.gpus is not None else cpus
+    if len(totals) > 1 and need > budget[1] + 1e-9:
+        print(f"warning: both apps together ask for {need:g} {budget[0][2:].upper()[:-1]}s, more than {budget[0]} "
+              f"{budget[1]:g}: on a cluster of that size {fix}", file=out)
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """``"Stage0=node_a,Stage1=node_b"`` -> ``[("Stage0", "node_a"), ("Stage1", "node_b")]`` (argparse type)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected DEPLOYMENT=VALUE[,DEPLOYMENT=VALUE...], got {text!r}")
+    return [(d.strip(), v.strip()) for d, v in pairs]
 
 
 def _rates(text: str) -> list[float]:
@@ -110,5 +173,16 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to serve beyond this machine)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", help="write the config here (default: print it)")
+    p.add_argument("--pin", type=_pairs, metavar="DEPLOYMENT=RESOURCE,...",
+                   help="run a deployment only on nodes with this custom resource (ray start --resources); "
+                        "hard: a replica lost with its node waits for such a node")
+    p.add_argument("--prefer", type=_pairs, metavar="DEPLOYMENT=KEY=VALUE,...",
+                   help="prefer nodes with this label (ray start --labels KEY=VALUE); soft: lost replicas "
+                        "move to other nodes")
+    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], help="HTTP proxies (default EveryNode)")
+    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),
+                   help="dashboard of the cluster to check the plan against (default: $RAY_DASHBOARD_ADDRESS or "
+                        "http://127.0.0.1:8265)")
+    p.add_argument("--no-check", action="store_true", help="do not ask a cluster whether the plan fits")
     p.set_defaults(func=_cmd_plan)
 
