@@ -171,10 +171,14 @@ class LocalCluster:
         workdir: folder for the token and ``ray start`` output (default: a new temp folder).
         affinity: CPUs all the cluster's processes may run on (the load generator keeps the others).
         first_ip: the head's address; workers take the next ones.
+        gcs_storage: a folder for the head's GCS state (Ray's embedded RocksDB storage, alpha), so a head
+            started again on the same address reloads the cluster (GCS fault tolerance without Redis);
+            None: the GCS keeps its state in memory, and a restarted head is a new cluster.
     """
 
     def __init__(self, workers: int = 1, cpus: int = 2, object_store_mb: int = 80, workdir: Optional[str] = None,
-                 affinity: Optional[set[int]] = None, first_ip: str = "127.0.0.2") -> None:
+                 affinity: Optional[set[int]] = None, first_ip: str = "127.0.0.2",
+                 gcs_storage: Optional[str] = None) -> None:
         self.workdir = workdir or tempfile.mkdtemp(prefix="branched-cluster-")
         os.makedirs(self.workdir, exist_ok=True)
         self.token = secrets.token_hex(32)
@@ -186,7 +190,11 @@ class LocalCluster:
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token_path, "RAY_USAGE_STATS_ENABLED": "0",
                     "PYTHONPATH": REPO_ROOT + (os.pathsep + path if path else "")}
         base, last = first_ip.rsplit(".", 1)
-        self.head = RayNode("a", first_ip, self.workdir, self.env, cpus, object_store_mb, affinity=affinity)
+        head_env = dict(self.env)
+        if gcs_storage:
+            os.makedirs(gcs_storage, exist_ok=True)
+            head_env.update(RAY_gcs_storage="rocksdb", RAY_gcs_storage_path=gcs_storage)
+        self.head = RayNode("a", first_ip, self.workdir, head_env, cpus, object_store_mb, affinity=affinity)
         self.workers = [RayNode(chr(ord("b") + i), f"{base}.{int(last) + 1 + i}", self.workdir, self.env, cpus,
                                 object_store_mb, self.head.address, affinity) for i in range(workers)]
 
@@ -223,7 +231,7 @@ class LocalCluster:
         old = self.node(name)
         if old.processes():
             raise RuntimeError(f"node {name} is still running; kill it first")
-        new = RayNode(old.name, old.ip, self.workdir, self.env, old.cpus, old.object_store_mb, old.head_address,
+        new = RayNode(old.name, old.ip, self.workdir, old.env, old.cpus, old.object_store_mb, old.head_address,
                       old.affinity)
         if new.is_head:
             new.port, new.dashboard_port = old.port, old.dashboard_port  # the same address as before

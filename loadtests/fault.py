@@ -37,7 +37,7 @@ from .launchers import wait_for
 from .procs import ray_replica_pids, torchserve_worker_pids
 from .report import read_run
 
-__all__ = ["fault", "Killer", "register"]
+__all__ = ["fault", "Killer", "probe", "write_report", "print_summary", "register"]
 
 
 class Killer(threading.Thread):
@@ -155,7 +155,7 @@ def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: s
         "borderline_answers": int(tally.get("borderline", 0)),
         **rec, "replaced_s": replaced_s, "probe_after": after, "recovered": recovered,
     }
-    _write(report, rows, killer.t_kill, out_dir)
+    write_report(report, rows, killer.t_kill, out_dir)
     return report
 
 
@@ -172,7 +172,8 @@ def _timeline(rows: list, t_kill: float) -> list[dict]:
     return list(counts.values())
 
 
-def _write(report: dict, rows: list, t_kill: float, out_dir: str) -> None:
+def write_report(report: dict, rows: list, t_kill: float, out_dir: str) -> None:
+    """Write `fault.json`, `fault_timeline.csv` and `fault.png` (answers and failures per second around the kill)."""
     import matplotlib
 
     matplotlib.use("Agg")

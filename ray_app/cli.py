@@ -86,8 +86,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}", file=out)
 
 
-def _cluster_nodes(url: str) -> Optional[list[dict[str, float]]]:
-    """Total resources of each alive node of the Ray cluster whose dashboard is at ``url``; None if none answers."""
+def _cluster_nodes(url: str) -> tuple[Optional[list[dict[str, float]]], str]:
+    """Total resources of each alive node of the Ray cluster whose dashboard is at ``url``, or None and why not."""
     import requests
 
     token = os.environ.get("RAY_AUTH_TOKEN", "")
@@ -98,11 +98,13 @@ def _cluster_nodes(url: str) -> Optional[list[dict[str, float]]]:
     try:
         r = requests.get(f"{url.rstrip('/')}/api/v0/nodes?limit=10000", timeout=3,
                          headers={"Authorization": f"Bearer {token}"} if token else {})
+        if r.status_code in (401, 403):
+            return None, f"the Ray cluster at {url} refused this client's token (set RAY_AUTH_TOKEN_PATH)"
         r.raise_for_status()
         nodes = r.json()["data"]["result"]["result"]
     except (requests.RequestException, ValueError, KeyError, TypeError):
-        return None
-    return [n.get("resources_total") or {} for n in nodes if n.get("state") == "ALIVE"]
+        return None, f"no Ray cluster answered at {url} (--address)"
+    return [n.get("resources_total") or {} for n in nodes if n.get("state") == "ALIVE"], ""
 
 
 def _check_resources(args: argparse.Namespace, doc: dict, out) -> None:
@@ -117,7 +119,7 @@ def _check_resources(args: argparse.Namespace, doc: dict, out) -> None:
         ("--cpus", args.cpus, args.cpus / 2)
     fix = f"deploy one app (--apps staged) or give each app half the budget ({budget[0]} {budget[2]:g})" \
         if len(totals) > 1 else f"plan with the cluster's own budget ({budget[0]})"
-    nodes = None if args.no_check else _cluster_nodes(args.address)
+    nodes, why = (None, "") if args.no_check else _cluster_nodes(args.address)
     if nodes is not None:
         left = unplaceable(doc, nodes)
         have = {k: round(sum(n.get(k, 0.0) for n in nodes), 2) for k in ("CPU", "GPU")}
@@ -128,7 +130,7 @@ def _check_resources(args: argparse.Namespace, doc: dict, out) -> None:
         print(f"fits {where}", file=out)
         return
     if not args.no_check:
-        print(f"no Ray cluster answered at {args.address} (--address); checked against {budget[0]} only", file=out)
+        print(f"{why}; checked against {budget[0]} only", file=out)
     need = gpus if args.gpus is not None else cpus
     if len(totals) > 1 and need > budget[1] + 1e-9:
         print(f"warning: both apps together ask for {need:g} {budget[0][2:].upper()[:-1]}s, more than {budget[0]} "
