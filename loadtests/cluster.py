@@ -226,16 +226,27 @@ class LocalCluster:
             raise
         return self
 
-    def restart_node(self, name: str) -> RayNode:
-        """Start node ``name`` again after it was killed (a worker rejoins the head; fresh temp dir and ports)."""
+    def restart_node(self, name: str, attempts: int = 2) -> RayNode:
+        """Start node ``name`` again after it was killed (a worker rejoins the head; fresh temp dir and ports).
+
+        A head comes back on the same GCS and dashboard ports. ``ray start`` gives a node 30 s to register
+        with the GCS; a GCS that reloads its state first waits for the old head's health checks to fail,
+        which on a busy machine can take longer, so a failed start is tried again (``attempts``).
+        """
         old = self.node(name)
         if old.processes():
             raise RuntimeError(f"node {name} is still running; kill it first")
-        new = RayNode(old.name, old.ip, self.workdir, old.env, old.cpus, old.object_store_mb, old.head_address,
-                      old.affinity)
-        if new.is_head:
-            new.port, new.dashboard_port = old.port, old.dashboard_port  # the same address as before
-        new.start()
+        for attempt in range(attempts):
+            new = RayNode(old.name, old.ip, self.workdir, old.env, old.cpus, old.object_store_mb, old.head_address,
+                          old.affinity)
+            if new.is_head:
+                new.port, new.dashboard_port = old.port, old.dashboard_port  # the same address as before
+            try:
+                new.start()
+                break
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
         if new.is_head:
             self.head = new
         else:

@@ -23,8 +23,8 @@ deployments were running again (``replaced_s``) and on which node, and whether t
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -35,12 +35,11 @@ import requests
 
 from branched.artifact import load_config
 
-from .answers import read_log, recovery
+from .answers import recovery
 from .cluster import LocalCluster
-from .fault import print_summary, probe, write_report
-from .harness import Target, add_load_arguments, drive, make_pool, run_command, say, split_cpus
+from .fault import load_with_fault, print_summary, read_fault_run, write_report
+from .harness import Target, add_load_arguments, make_pool, run_command, say, split_cpus
 from .launchers import free_port
-from .report import read_run
 
 __all__ = ["node_fault", "NodeKiller", "plan_for", "register"]
 
@@ -72,7 +71,6 @@ class NodeKiller(threading.Thread):
         self.replaced_s: Optional[float] = None
         self.apps_after: Optional[list[str]] = None
         self.error = ""
-        self.done = threading.Event()
 
     def lost(self) -> list[str]:
         """The deployments that had a replica on the victim before the kill."""
@@ -90,8 +88,6 @@ class NodeKiller(threading.Thread):
             self._watch()
         except Exception as exc:  # noqa: BLE001 - reported, never raised in the load's thread
             self.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            self.done.set()
 
     def _watch(self) -> None:
         lost = self.lost()
@@ -187,17 +183,10 @@ def node_fault(model_dir: str, out_dir: str, users: int = 8, duration: str = "90
         cluster.deploy(plan)
         target = Target("ray-cluster", f"http://{cluster.head.ip}:{port}", {"early_exit": "/predict"},
                         cluster.head.pgid or 0, cluster, load_set, server_set)
-        killer = NodeKiller(cluster, name, kill_at, rejoin_after)
-        run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=killer.start)
-        killer.done.wait(timeout=killer.timeout)
-        after = probe(target, pool)
-    if killer.t_kill is None:
-        raise RuntimeError(f"the fault was not injected: {killer.error or 'the run ended first'}; "
-                           f"use a --kill-at well inside --duration")
-    result = read_run(run["tally"])
-    with open(run["tally"]) as f:
-        tally = json.load(f)
-    rows = read_log(run["log"])
+        # watch until the load is over (and a little longer), not past it
+        killer = NodeKiller(cluster, name, kill_at, rejoin_after, timeout=max(60.0, _seconds(duration) - kill_at + 30))
+        run, after = load_with_fault(target, pool, out_dir, users, duration, killer, killer.timeout)
+    result, tally, rows = read_fault_run(run, killer)
     lost = killer.lost()
     first = min((int(d[5:]) for d in lost if d.startswith("Stage")), default=0)
     rec = recovery(rows, killer.t_kill, min_exit=first)
@@ -220,6 +209,14 @@ def node_fault(model_dir: str, out_dir: str, users: int = 8, duration: str = "90
     }
     write_report(report, rows, killer.t_kill, out_dir)
     return report
+
+
+def _seconds(duration: str) -> float:
+    """Locust's run time (``90s``, ``2m``, ``1h30m``, or plain seconds) in seconds."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms]?)", duration.strip())
+    if not parts or "".join(n + u for n, u in parts) != duration.strip():
+        raise ValueError(f"--duration {duration!r}: use e.g. 90s, 2m or 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1, "": 1}[u] for n, u in parts)
 
 
 def _summary(report: dict) -> None:

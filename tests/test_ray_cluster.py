@@ -12,10 +12,11 @@ on loopback only, and must start fresh beside a ``ray_current_cluster`` file lef
 import copy
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -29,6 +30,7 @@ from branched.serving import Predictor
 from loadtests.cluster import LocalCluster, node_processes
 from loadtests.launchers import RayServe
 from loadtests.procs import session_processes
+from ray_app.planner import demand_totals, place_deployments, unplaceable
 
 from helpers import README, free_port, save_mnist_model, wait_for
 
@@ -185,6 +187,27 @@ def test_ray_plan_prints_totals_and_warns_without_a_cluster(model_dir, tmp_path,
     assert cli_main([*argv, "--pin", "Stage7=node_b"]) == 2 and "no deployment 'Stage7'" in capsys.readouterr().err
 
 
+def test_a_plan_is_placed_replica_by_replica_on_nodes():
+    doc = {"applications": [
+        {"name": "staged", "deployments": [
+            {"name": "Ingress", "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}},
+            {"name": "Stage0", "num_replicas": 2, "ray_actor_options": {"num_cpus": 1.5, "num_gpus": 0.5}},
+            {"name": "Stage1", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5, "resources": {"node_b": 0.01}}}]},
+        {"name": "baseline", "deployments": [{"name": "Baseline", "num_replicas": 2, "ray_actor_options": {}}]}]}
+    assert demand_totals(doc) == {"staged": {"CPU": 4.5, "GPU": 1.0, "node_b": 0.01}, "baseline": {"CPU": 2.0}}
+    a, b = {"CPU": 4, "GPU": 1, "node_a": 1}, {"CPU": 4, "GPU": 1, "node_b": 1}
+    assert unplaceable(doc, [a, b]) == []
+    assert unplaceable(doc, [a, {"CPU": 4, "GPU": 1}]) == ["staged/Stage1 {CPU: 0.5, node_b: 0.01}"]
+    # 6.5 CPUs fit 8 in sum, but each Stage0 replica needs 1.5 CPUs and half a GPU on one node
+    assert unplaceable(doc, [{"CPU": 2, "GPU": 1}, {"CPU": 6, "node_b": 1}]) == ["staged/Stage0 {CPU: 1.5, GPU: 0.5}"]
+    assert len(unplaceable(doc, [{"CPU": 2, "GPU": 1, "node_b": 1}])) == 4  # one Stage0 and Stage1 fit
+    place_deployments(doc, {"Stage0": "node_a"}, {"Stage1": ("zone", "b")}, "HeadOnly")
+    assert doc["applications"][0]["deployments"][1]["ray_actor_options"]["resources"] == {"node_a": 0.01}
+    assert doc["proxy_location"] == "HeadOnly"
+    with pytest.raises(ValueError, match="no deployment 'Stage9'"):
+        place_deployments(doc, {"Stage9": "node_a"})
+
+
 # ------------------------------------------------------------------------------------- one machine, private
 def listening(pids: set[int]) -> list[tuple[str, int, str]]:
     """``(address, port, process name)`` of every listening TCP socket of ``pids``."""
@@ -198,12 +221,16 @@ def listening(pids: set[int]) -> list[tuple[str, int, str]]:
     return found
 
 
-def stale_tmpdir(tmp_path) -> str:
-    """A Ray temp root whose ``ray/ray_current_cluster`` names a head that is gone (as a killed head leaves it)."""
-    root = tmp_path / "raytmp"
-    (root / "ray").mkdir(parents=True)
-    (root / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
-    return str(root)
+@pytest.fixture
+def stale_tmpdir():
+    """A Ray temp root (``RAY_TMPDIR``) whose ``ray/ray_current_cluster`` names a head that is gone, as a killed
+    head leaves it. Short, under /tmp: Ray's unix sockets live below it (107 bytes at most)."""
+    root = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    os.makedirs(os.path.join(root, "ray"))
+    with open(os.path.join(root, "ray", "ray_current_cluster"), "w") as f:
+        f.write(f"127.0.0.1:{free_port()}")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def tree(pgid: int) -> set[int]:
@@ -211,8 +238,9 @@ def tree(pgid: int) -> set[int]:
 
 
 @pytest.mark.server
-def test_the_local_server_listens_on_loopback_only_and_ignores_a_stale_cluster(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_TMPDIR", stale_tmpdir(tmp_path))
+def test_the_local_server_listens_on_loopback_only_and_ignores_a_stale_cluster(model_dir, tmp_path, monkeypatch,
+                                                                                 stale_tmpdir):
+    monkeypatch.setenv("RAY_TMPDIR", stale_tmpdir)
     with RayServe(model_dir, log_path=str(tmp_path / "server.log")) as rs:  # starts despite the stale file
         sockets = listening(tree(rs.proc.pid))
     names = {name for _, _, name in sockets}
@@ -221,7 +249,7 @@ def test_the_local_server_listens_on_loopback_only_and_ignores_a_stale_cluster(m
 
 
 @pytest.mark.server
-def test_the_readmes_serve_run_is_private_and_ignores_a_stale_cluster(model_dir, tmp_path):
+def test_the_readmes_serve_run_is_private_and_ignores_a_stale_cluster(model_dir, tmp_path, stale_tmpdir):
     readme = open(README).read()
     assert SERVE_RUN in readme and "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0" in readme
     with open("ray_app/config.yaml") as f:
@@ -230,7 +258,7 @@ def test_the_readmes_serve_run_is_private_and_ignores_a_stale_cluster(model_dir,
     config = config.replace("port: 8000", f"port: {port}")
     (tmp_path / "ray_app").mkdir()
     (tmp_path / "ray_app" / "config.yaml").write_text(config)
-    env = {**os.environ, "RAY_TMPDIR": stale_tmpdir(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {**os.environ, "RAY_TMPDIR": stale_tmpdir, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     env.pop("RAY_ADDRESS", None)
@@ -255,5 +283,6 @@ def test_the_readmes_serve_run_is_private_and_ignores_a_stale_cluster(model_dir,
                 p.kill()
             except psutil.Error:
                 pass
-    assert {"gcs_server", "raylet"} <= {n for _, _, n in sockets}, sockets
+    names = {n for _, _, n in sockets}
+    assert {"gcs_server", "raylet"} <= names and any("ServeReplica" in n for n in names), sockets
     assert not [s for s in sockets if s[0] not in LOOPBACK], f"listening beyond loopback: {sockets}"
