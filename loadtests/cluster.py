@@ -17,6 +17,7 @@ work folder; the ``serve`` CLI and the dashboard's REST API get it too. Workers 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -71,11 +72,11 @@ class RayNode:
 
     def __init__(self, name: str, ip: str, workdir: str, env: dict[str, str], cpus: int = 2,
                  object_store_mb: int = 80, head_address: Optional[str] = None,
-                 affinity: Optional[set[int]] = None) -> None:
+                 affinity: Optional[set[int]] = None, temp_dir: Optional[str] = None) -> None:
         self.name, self.ip, self.env, self.cpus = name, ip, env, cpus
         self.object_store_mb, self.head_address, self.affinity = object_store_mb, head_address, affinity
         # Unix sockets live under the temp dir: keep the path short (108 bytes at most).
-        self.temp_dir = tempfile.mkdtemp(prefix=f"rn{name}-", dir="/tmp")
+        self.temp_dir = temp_dir or tempfile.mkdtemp(prefix=f"rn{name}-", dir="/tmp")
         self.log_path = os.path.join(workdir, f"ray-start-{name}.log")
         self.port = free_port() if head_address is None else None
         self.dashboard_port = free_port() if head_address is None else None
@@ -229,7 +230,9 @@ class LocalCluster:
     def restart_node(self, name: str, attempts: int = 2) -> RayNode:
         """Start node ``name`` again after it was killed (a worker rejoins the head; fresh temp dir and ports).
 
-        A head comes back on the same GCS and dashboard ports. ``ray start`` gives a node 30 s to register
+        The node keeps its temp dir, as a machine's ``/tmp/ray`` would (a GCS that reloads its state keeps
+        the old session's name, and the new raylet looks for its agents' files under it). A head comes back
+        on the same GCS and dashboard ports. ``ray start`` gives a node 30 s to register
         with the GCS; a GCS that reloads its state first waits for the old head's health checks to fail,
         which on a busy machine can take longer, so a failed start is tried again (``attempts``).
         """
@@ -238,9 +241,14 @@ class LocalCluster:
             raise RuntimeError(f"node {name} is still running; kill it first")
         for attempt in range(attempts):
             new = RayNode(old.name, old.ip, self.workdir, old.env, old.cpus, old.object_store_mb, old.head_address,
-                          old.affinity)
+                          old.affinity, old.temp_dir)
             if new.is_head:
                 new.port, new.dashboard_port = old.port, old.dashboard_port  # the same address as before
+                # `ray start --head` refuses to start when the temp dir's ray_current_cluster names its address
+                # and some local process carries that --gcs-address: on one machine, the worker's raylet does.
+                # On the head's own machine no such process is left, so the file would not matter there.
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(new.temp_dir, "ray_current_cluster"))
             try:
                 new.start()
                 break
