@@ -53,7 +53,8 @@ class NodeKiller(threading.Thread):
         t_kill: when (epoch s); victims: the killed pids; raylet: the raylet's pid.
         dead_s: when the cluster stopped counting the node as alive; rejoined_s: when it was started again;
         replaced_s: when every lost deployment had a RUNNING replica again (None if never); apps_after:
-        the applications Serve knew after the restart (head victim).
+        the applications Serve knew after the restart (head victim); others_lost_s: when another node's
+        raylet exited (a worker gives up on a head that does not come back as the same cluster).
     """
 
     def __init__(self, cluster: LocalCluster, victim: str, kill_at: float, rejoin_after: Optional[float] = None,
@@ -70,6 +71,7 @@ class NodeKiller(threading.Thread):
         self.rejoined_s: Optional[float] = None
         self.replaced_s: Optional[float] = None
         self.apps_after: Optional[list[str]] = None
+        self.others_lost_s: dict[str, float] = {}
         self.error = ""
 
     def lost(self) -> list[str]:
@@ -97,6 +99,9 @@ class NodeKiller(threading.Thread):
                 say(f"starting node {self.victim} again")
                 self.cluster.restart_node(self.victim)
                 self.rejoined_s = round(time.time() - self.t_kill, 3)
+            for other in self.cluster.nodes:  # a node whose raylet gave up on the cluster
+                if other.name != self.victim and other.name not in self.others_lost_s and other.raylet_pid() is None:
+                    self.others_lost_s[other.name] = round(now, 3)
             try:
                 alive = self.cluster.alive_nodes()
                 placement = self.cluster.placement()
@@ -106,8 +111,8 @@ class NodeKiller(threading.Thread):
                 continue
             if self.dead_s is None and self.victim not in alive:
                 self.dead_s = round(now, 3)
-            if self.rejoined_s is not None and self.apps_after is None:
-                self.apps_after = apps
+            if self.rejoined_s is not None:
+                self.apps_after = apps  # the last word once the node is back
             running = {d: [r for r in placement.get(d, []) if r["state"] == "RUNNING" and r["pid"] not in self.victims]
                        for d in lost}
             if lost and all(running.values()) and (self.victim != self.cluster.head.name or self.rejoined_s is not None):
@@ -202,7 +207,8 @@ def node_fault(model_dir: str, out_dir: str, users: int = 8, duration: str = "90
         "borderline_answers": int(tally.get("borderline", 0)), **rec,
         "placement_before": killer.before, "placement_after": killer.after, "lost_deployments": lost,
         "replaced_on": moved, "node_dead_s": killer.dead_s, "rejoined_s": killer.rejoined_s,
-        "replaced_s": killer.replaced_s, "apps_after_restart": killer.apps_after, "killer_error": killer.error,
+        "replaced_s": killer.replaced_s, "apps_after_restart": killer.apps_after,
+        "other_nodes_lost_s": killer.others_lost_s, "killer_error": killer.error,
         "probe_after": after,
         "recovered": killer.replaced_s is not None and rec["answers_back_s"] is not None and not after["errors"]
         and not after["wrong"],
@@ -223,8 +229,8 @@ def _summary(report: dict) -> None:
     print_summary(report)
     print(f"  {report['placement']} placement; lost {report['lost_deployments']}; node counted dead after "
           f"{report['node_dead_s']} s; started again after {report['rejoined_s']} s; running again on "
-          f"{report['replaced_on']}" + (f"; apps after the restart: {report['apps_after_restart']}"
-                                        if report["victim"] == "head" else ""))
+          f"{report['replaced_on']}" + (f"; apps after the restart: {report['apps_after_restart']}; other nodes "
+                                        f"lost: {report['other_nodes_lost_s']}" if report["victim"] == "head" else ""))
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -123,7 +123,8 @@ def _check_resources(args: argparse.Namespace, doc: dict, out) -> None:
     if nodes is not None:
         left = unplaceable(doc, nodes)
         have = {k: round(sum(n.get(k, 0.0) for n in nodes), 2) for k in ("CPU", "GPU")}
-        where = f"the cluster at {args.address} ({len(nodes)} nodes, {have['CPU']:g} CPUs, {have['GPU']:g} GPUs)"
+        where = (f"the cluster at {args.address} ({len(nodes)} node{'s' * (len(nodes) != 1)}, {have['CPU']:g} CPUs, "
+                 f"{have['GPU']:g} GPUs)")
         if left:
             raise UsageError(f"{where} cannot place {len(left)} replica(s) of this plan ({'; '.join(left[:3])}): "
                              f"Serve would keep them UPDATING and requests would hang; {fix}")
