@@ -34,6 +34,7 @@ from typing import Any, Optional
 import requests
 
 from branched.artifact import load_config
+from branched.errors import UsageError
 
 from .answers import recovery
 from .cluster import LocalCluster
@@ -234,6 +235,9 @@ def _summary(report: dict) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
+    if args.server != "ray":
+        raise UsageError("node-fault runs the Ray Serve staged app on a Ray cluster; drop --server (TorchServe: "
+                         "branched fault --server torchserve)")
     report, out = run_command(args, "node fault run", lambda out: node_fault(
         args.model_dir, out, args.users, args.duration, args.kill_at, args.victim, args.placement, args.rejoin_after,
         args.gcs_ft, args.pool_size, args.server_cpus, args.batch_size, args.node_cpus), _summary,
