@@ -37,7 +37,8 @@ from .launchers import wait_for
 from .procs import ray_replica_pids, torchserve_worker_pids
 from .report import read_run
 
-__all__ = ["fault", "Killer", "register"]
+__all__ = ["fault", "Killer", "probe", "load_with_fault", "read_fault_run", "write_report", "print_summary",
+           "register"]
 
 
 class Killer(threading.Thread):
@@ -110,6 +111,33 @@ def probe(target: Target, pool: Pool, limit: int = 50) -> dict:
     return {"sent": len(names), "errors": errors, "wrong": wrong}
 
 
+def load_with_fault(target: Target, pool: Pool, out_dir: str, users: int, duration: str, killer: threading.Thread,
+                    wait_s: float) -> tuple[dict, dict]:
+    """Locust against ``target`` with ``killer`` started with the load (after the warm-up, so its delay counts
+    from the load's start); then wait up to ``wait_s`` for the killer and probe the server one image at a time.
+
+    Returns:
+        ``(drive's run dict, probe counts)``.
+    """
+    run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=killer.start)
+    killer.join(timeout=wait_s)
+    return run, probe(target, pool)
+
+
+def read_fault_run(run: dict, killer: threading.Thread) -> tuple:
+    """``(RunResult, the answers' tally, the request log)`` of a fault run.
+
+    Raises:
+        RuntimeError: the killer never struck (``killer.t_kill`` is None), with its error and the fix.
+    """
+    if getattr(killer, "t_kill", None) is None:
+        raise RuntimeError(f"the fault was not injected: {getattr(killer, 'error', '') or 'the run ended first'}; "
+                           f"use a --kill-at well inside --duration")
+    with open(run["tally"]) as f:
+        tally = json.load(f)
+    return read_run(run["tally"]), tally, read_log(run["log"])
+
+
 def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: str = "60s", kill_at: float = 20.0,
           stage: int = 1, pool_size: int = 200, server_cpus: Optional[int] = None, batch_size: int = 8,
           max_batch_delay: int = 10, ray: Optional[dict] = None) -> dict:
@@ -133,17 +161,8 @@ def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: s
     ray = {"grouping": "per-stage", **(ray or {})}
     with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False, ray=ray) as target:
         killer = Killer(target, kill_at, stage)
-        # The killer starts with Locust (after the warm-up), so kill_at counts from the load's start.
-        run = drive(target, pool, out_dir, users, duration, log_requests=True, on_start=killer.start)
-        killer.join(timeout=killer.replace_timeout)
-        after = probe(target, pool)
-    if killer.t_kill is None:
-        raise RuntimeError(f"the fault was not injected: {killer.error or 'the run ended first'}; "
-                           f"use a --kill-at well inside --duration")
-    result = read_run(run["tally"])
-    with open(run["tally"]) as f:
-        tally = json.load(f)
-    rows = read_log(run["log"])
+        run, after = load_with_fault(target, pool, out_dir, users, duration, killer, killer.replace_timeout)
+    result, tally, rows = read_fault_run(run, killer)
     rec = recovery(rows, killer.t_kill, min_exit=stage if server == "ray" else 0)
     replaced_s = None if killer.t_replaced is None else round(killer.t_replaced - killer.t_kill, 3)
     recovered = replaced_s is not None and rec["answers_back_s"] is not None and not after["errors"] \
@@ -158,7 +177,7 @@ def fault(server: str, model_dir: str, out_dir: str, users: int = 8, duration: s
         "borderline_answers": int(tally.get("borderline", 0)),
         **rec, "replaced_s": replaced_s, "probe_after": after, "recovered": recovered,
     }
-    _write(report, rows, killer.t_kill, out_dir)
+    write_report(report, rows, killer.t_kill, out_dir)
     return report
 
 
@@ -175,7 +194,8 @@ def _timeline(rows: list, t_kill: float) -> list[dict]:
     return list(counts.values())
 
 
-def _write(report: dict, rows: list, t_kill: float, out_dir: str) -> None:
+def write_report(report: dict, rows: list, t_kill: float, out_dir: str) -> None:
+    """Write `fault.json`, `fault_timeline.csv` and `fault.png` (answers and failures per second around the kill)."""
     import matplotlib
 
     matplotlib.use("Agg")

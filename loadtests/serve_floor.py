@@ -49,11 +49,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpus, client_cpus = ({cpus[-1]}, {cpus[0]}) if len(cpus) > 1 else (set(cpus), set(cpus))
     os.sched_setaffinity(0, server_cpus)  # Ray's processes inherit this
+    from ray_app.server import LOOPBACK_ENV, app_urls, private_local_ray
+
+    os.environ.update(LOOPBACK_ENV)  # before Ray is imported: its ports on 127.0.0.1 only
     import ray
     import requests
     from ray import serve
-
-    from ray_app.server import app_urls
 
     from .launchers import free_port
     from .overhead import per_request
@@ -69,8 +70,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return {"ok": True}
 
     port = free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=80 * 1024 ** 2)
+    private_local_ray(2, 80)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config(args.profile))
         serve.run(Noop.bind(), name="noop", route_prefix="/")

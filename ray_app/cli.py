@@ -6,6 +6,7 @@ module does not import Ray.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from typing import Optional
@@ -16,8 +17,8 @@ from branched.errors import UsageError
 from .costmodel import Calibration, choose_grouping, describe
 from .grouping import Grouping
 from .options import DEFAULT_PROFILE, PROFILES, env
-from .planner import (calibrated_exit_rates, plan_baseline, plan_groups, reach_probabilities, serve_config,
-                      stage_flops)
+from .planner import (calibrated_exit_rates, demand_totals, place_deployments, plan_baseline, plan_groups,
+                      reach_probabilities, serve_config, stage_flops, unplaceable)
 
 __all__ = ["register"]
 
@@ -61,6 +62,9 @@ def _calibration(args: argparse.Namespace, model_dir: str) -> Optional[Calibrati
     from .options import apply
 
     apply(args.profile)  # before Ray starts: the hop is measured with the settings it will be served with
+    from .server import private_local_ray
+
+    private_local_ray(4, 128)  # loopback only; imports Ray with that setting
     import ray
     from ray import serve
 
@@ -70,8 +74,6 @@ def _calibration(args: argparse.Namespace, model_dir: str) -> Optional[Calibrati
     threads = max(1, int(args.cpus_per_replica))
     print(f"calibrating on this machine: stage compute on {device} ({threads} thread(s)), then a handle call on a "
           f"private local Ray (Serve profile {args.profile})", file=sys.stderr)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             object_store_memory=128 * 1024 ** 2)
     try:
         with socket.socket() as sock:  # a free loopback port for the probe's (unused) proxy
             sock.bind(("127.0.0.1", 0))
@@ -129,6 +131,8 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     doc = serve_config(args.model_dir, plans, baseline, staged="staged" in apps, ingress_replicas=args.ingress_replicas,
                        ingress_cpus=args.ingress_cpus, host=args.host, port=args.port,
                        max_batch_size=args.max_batch_size, record=record)
+    place_deployments(doc, dict(args.pin or []), {d: tuple(kv.split("=", 1)) for d, kv in args.prefer or []},
+                      args.proxy_location)
     text = yaml.safe_dump(doc, sort_keys=False)
     unit = "GPUs" if args.gpus is not None else "CPUs"
     print(f"  {'deployment':<11} {'stages':<8} {'reach':>7} {'GFLOPs':>9} {'work share':>10} {'replicas':>8} "
@@ -142,6 +146,7 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     if variables:
         print(f"  Ray Serve profile {args.profile}: start Ray and Serve with "
               + " ".join(f"{k}={v}" for k, v in variables.items()), file=out)
+    _check_resources(args, doc, out)
     if args.out is None:
         sys.stdout.write(text)
         return
@@ -152,6 +157,66 @@ def _cmd_plan(args: argparse.Namespace) -> None:
                     + "\n")
         f.write(text)
     print(f"wrote {args.out}", file=out)
+
+
+def _cluster_nodes(url: str) -> tuple[Optional[list[dict[str, float]]], str]:
+    """Total resources of each alive node of the Ray cluster whose dashboard is at ``url``, or None and why not."""
+    import requests
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if not token and os.path.isfile(path):
+        with open(path) as f:
+            token = f.read().strip()
+    try:
+        r = requests.get(f"{url.rstrip('/')}/api/v0/nodes?limit=10000", timeout=3,
+                         headers={"Authorization": f"Bearer {token}"} if token else {})
+        if r.status_code in (401, 403):
+            return None, f"the Ray cluster at {url} refused this client's token (set RAY_AUTH_TOKEN_PATH)"
+        r.raise_for_status()
+        nodes = r.json()["data"]["result"]["result"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return None, f"no Ray cluster answered at {url} (--address)"
+    return [n.get("resources_total") or {} for n in nodes if n.get("state") == "ALIVE"], ""
+
+
+def _check_resources(args: argparse.Namespace, doc: dict, out) -> None:
+    """Print what the plan asks for; refuse a plan the reachable cluster cannot place, warn when both apps
+    together ask for more than the budget given."""
+    totals = demand_totals(doc)
+    cpus, gpus = (round(sum(t.get(k, 0.0) for t in totals.values()), 2) for k in ("CPU", "GPU"))
+    print(f"plan asks for {cpus:g} CPUs, {gpus:g} GPUs in all: " + ", ".join(
+        f"{app} {t.get('CPU', 0):g} CPUs" + (f" {t['GPU']:g} GPUs" if t.get("GPU") else "") for app, t in totals.items()),
+        file=out)
+    budget = ("--gpus", args.gpus, max(1, args.gpus // 2)) if args.gpus is not None else \
+        ("--cpus", args.cpus, args.cpus / 2)
+    fix = f"deploy one app (--apps staged) or give each app half the budget ({budget[0]} {budget[2]:g})" \
+        if len(totals) > 1 else f"plan with the cluster's own budget ({budget[0]})"
+    nodes, why = (None, "") if args.no_check else _cluster_nodes(args.address)
+    if nodes is not None:
+        left = unplaceable(doc, nodes)
+        have = {k: round(sum(n.get(k, 0.0) for n in nodes), 2) for k in ("CPU", "GPU")}
+        where = (f"the cluster at {args.address} ({len(nodes)} node{'s' * (len(nodes) != 1)}, {have['CPU']:g} CPUs, "
+                 f"{have['GPU']:g} GPUs)")
+        if left:
+            raise UsageError(f"{where} cannot place {len(left)} replica(s) of this plan ({'; '.join(left[:3])}): "
+                             f"Serve would keep them UPDATING and requests would hang; {fix}")
+        print(f"fits {where}", file=out)
+        return
+    if not args.no_check:
+        print(f"{why}; checked against {budget[0]} only", file=out)
+    need = gpus if args.gpus is not None else cpus
+    if len(totals) > 1 and need > budget[1] + 1e-9:
+        print(f"warning: both apps together ask for {need:g} {budget[0][2:].upper()[:-1]}s, more than {budget[0]} "
+              f"{budget[1]:g}: on a cluster of that size {fix}", file=out)
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """``"Stage0=node_a,Stage1=node_b"`` -> ``[("Stage0", "node_a"), ("Stage1", "node_b")]`` (argparse type)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected DEPLOYMENT=VALUE[,DEPLOYMENT=VALUE...], got {text!r}")
+    return [(d.strip(), v.strip()) for d, v in pairs]
 
 
 def _rates(text: str) -> list[float]:
@@ -194,5 +259,16 @@ def register(subparsers) -> None:
     g.add_argument("--device", help="where stages are timed (default: cuda with --gpus, else cpu)")
     g.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
                    help=f"Ray Serve settings to measure and serve with (default {DEFAULT_PROFILE}; ray_app/options.py)")
+    p.add_argument("--pin", type=_pairs, metavar="DEPLOYMENT=RESOURCE,...",
+                   help="run a deployment only on nodes with this custom resource (ray start --resources); "
+                        "hard: a replica lost with its node waits for such a node")
+    p.add_argument("--prefer", type=_pairs, metavar="DEPLOYMENT=KEY=VALUE,...",
+                   help="prefer nodes with this label (ray start --labels KEY=VALUE); soft: lost replicas "
+                        "move to other nodes")
+    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], help="HTTP proxies (default EveryNode)")
+    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265"),
+                   help="dashboard of the cluster to check the plan against (default: $RAY_DASHBOARD_ADDRESS or "
+                        "http://127.0.0.1:8265)")
+    p.add_argument("--no-check", action="store_true", help="do not ask a cluster whether the plan fits")
     p.set_defaults(func=_cmd_plan)
 

@@ -10,6 +10,13 @@ ray-plan --calibrate`` does), or the apps come from a Serve config (``--config p
 Once both apps answer it prints, and writes to ``--ready-file``, where each app is served: with
 direct ingress, each app's own replica port (no proxy on the way); else the proxy's port. The
 load-test harness starts it as a child process (:class:`loadtests.launchers.RayServe`).
+
+Private: every Ray port (GCS, raylet, object manager, workers, agents, dashboard, HTTP) listens on
+127.0.0.1 only. Ray binds its gRPC servers to loopback only when the node's address is exactly
+127.0.0.1, and it replaces a node address of 127.0.0.1 by the machine's own address unless
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's switch for "no multi-node cluster") is set before Ray is
+imported; :func:`private_local_ray` does both. ``address="local"`` never joins another cluster, so a
+``ray_current_cluster`` file left by a killed head cannot make it wait.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Any, Optional
 
 from .options import DEFAULT_PROFILE, PROFILES, apply, direct_ingress, logging_config
 
-__all__ = ["main", "app_urls"]
+__all__ = ["main", "app_urls", "private_local_ray", "LOOPBACK_ENV"]
 
 
 def _env_pair(text: str) -> tuple[str, str]:
@@ -97,6 +104,29 @@ def _wait_running(names: list[str], timeout_s: float = 600) -> None:
     raise RuntimeError(f"apps {names} not running after {timeout_s:.0f}s")
 
 
+#: Set before Ray is imported, so that Ray keeps the node address 127.0.0.1 (and so binds to loopback only).
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def private_local_ray(num_cpus: float, object_store_mb: int) -> str:
+    """Start a fresh single-node Ray whose ports all listen on 127.0.0.1; returns the node's address.
+
+    Raises:
+        RuntimeError: Ray was imported before with another setting, so its node would listen on every
+            interface (the message names the fix).
+    """
+    os.environ.update(LOOPBACK_ENV)  # inherited by the raylet, GCS and every worker
+    import ray
+    from ray._private import ray_constants
+
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set, so it would listen "
+                           "on every interface; set it in the environment (or start `python -m ray_app.server`)")
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
+             object_store_memory=object_store_mb * 1024 ** 2, log_to_driver=False)
+    return ray.util.get_node_ip_address()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ray_app.server", description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", required=True)
@@ -117,19 +147,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     # A new HTTP proxy gets 5 s to report ready by default; on a small, busy machine importing it takes longer.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     variables = apply(args.profile, dict(args.env))  # before Ray or ray.serve is imported
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    # A fresh cluster of our own, never one that happens to run on this host, on loopback only.
+    # Logical CPUs are scheduling tokens; the process affinity confines the physical cores. Enough
+    # tokens for the staged app (num_cpus split by work), the baseline (num_cpus) and the probes.
+    private_local_ray(2 * args.num_cpus + 2, args.object_store_mb)
+
     import ray
     from ray import serve
 
     from .app import baseline_app, staged_app
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    # address="local": always a fresh cluster of our own, never one that happens to run on this host.
-    # Logical CPUs are scheduling tokens; the process affinity confines the physical cores. Enough
-    # tokens for the staged app (num_cpus split by work), the baseline (num_cpus) and the probes.
-    ray.init(address="local", num_cpus=2 * args.num_cpus + 2, object_store_memory=args.object_store_mb * 1024 ** 2,
-             include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": args.port}, logging_config=logging_config(args.profile))
         plan: dict[str, Any] = {}
