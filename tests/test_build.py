@@ -103,7 +103,7 @@ def test_svhn_format_maps_label_10_to_0(tmp_path, monkeypatch):
         y[0] = 10
         savemat(str(tmp_path / name), {"X": x, "y": y})
         if name.startswith("test"):
-            test_x, test_y = x, y
+            test_x = x
     splits = load_splits("svhn", str(tmp_path))
     test = splits["test"]
     assert len(test) == 12 and test.labels[0] == 0 and set(test.labels.tolist()) <= set(range(10))

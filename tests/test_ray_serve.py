@@ -8,18 +8,14 @@ run time. The planner's arithmetic and the config it writes are checked without 
 import base64
 import copy
 import os
-import io
-import socket
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import requests
 import torch
 import yaml
-from PIL import Image
 
 with warnings.catch_warnings():  # Ray's own pydantic deprecation warnings, at import time
     warnings.simplefilter("ignore", DeprecationWarning)

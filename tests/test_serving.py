@@ -1,11 +1,7 @@
 """The framework-free serving core: request parameters, bad requests, batches with mixed thresholds."""
-import io
 import math
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from branched.artifact import save_model
 from branched.routing import thresholds_for_budget, thresholds_from_params
