@@ -221,8 +221,8 @@ class BranchedModel(nn.Module):
             flops: FLOPs already spent on each sample (zeros for ``k == 0``).
 
         Returns:
-            :class:`StepResult`. The last stage lets every sample exit. A side exit whose threshold is
-            ``inf`` for every sample of the batch is off: its head is not computed and not charged.
+            :class:`StepResult`. The last stage lets every sample exit. A side exit is off for a sample
+            whose threshold is ``inf``: its head is not computed for that sample and not charged to it.
         """
         policy = policy or self.config.policy
         if k == 0:
@@ -233,11 +233,15 @@ class BranchedModel(nn.Module):
         everyone = torch.arange(n, device=h.device)
         last = k == self.num_exits - 1
         threshold = None if last else (thresholds[:, k] if thresholds.dim() == 2 else thresholds[k])
-        if threshold is not None and bool(torch.isposinf(threshold).all()):
-            # The exit is off for the whole batch: its head is never run and costs nothing.
-            empty = h.new_empty(0)
-            return StepResult(everyone[:0], h.new_empty(0, self.config.num_classes), empty, spent[:0], everyone, h,
-                              spent)
+        if threshold is not None:
+            off = torch.isposinf(threshold)
+            if bool(off.all()):
+                # The exit is off for the whole batch: its head is never run and costs nothing.
+                empty = h.new_empty(0)
+                return StepResult(everyone[:0], h.new_empty(0, self.config.num_classes), empty, spent[:0], everyone,
+                                  h, spent)
+            if off.dim() == 1 and bool(off.any()):
+                return self._step_where_on(k, h, threshold, spent, policy, (~off).nonzero().squeeze(1))
         spent = spent + self.exit_flops[k]
         out = self.exits[k](h)
         score = exit_score(out, policy)
@@ -252,6 +256,22 @@ class BranchedModel(nn.Module):
         return StepResult(exited, out.logits.index_select(0, exited), score.index_select(0, exited),
                           spent.index_select(0, exited), survivors, h[survivors],  # keeps channels-last
                           spent.index_select(0, survivors))
+
+    def _step_where_on(self, k: int, h: torch.Tensor, threshold: torch.Tensor, spent: torch.Tensor,
+                       policy: str, on: torch.Tensor) -> StepResult:
+        """Exit ``k`` for a batch whose own thresholds switch it off for some samples: the head runs on
+        (and is charged to) the rows ``on`` only, so a sample's answer and cost do not depend on its batch."""
+        out = self.exits[k](h.index_select(0, on))
+        score = exit_score(out, policy)
+        leave = score >= threshold.index_select(0, on)
+        spent = spent.clone()
+        spent[on] += self.exit_flops[k]
+        exited = on[leave]
+        stays = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
+        stays[exited] = False
+        survivors = stays.nonzero().squeeze(1)
+        return StepResult(exited, out.logits[leave], score[leave], spent.index_select(0, exited), survivors,
+                          h[survivors], spent.index_select(0, survivors))
 
     @torch.no_grad()
     def routed_forward(self, x: torch.Tensor, thresholds: Optional[Thresholds] = None,

@@ -17,8 +17,8 @@ from branched.errors import UsageError
 from .costmodel import Calibration, choose_grouping, describe
 from .grouping import Grouping
 from .options import DEFAULT_PROFILE, PROFILES, env
-from .planner import (calibrated_exit_rates, demand_totals, place_deployments, plan_baseline, plan_groups,
-                      reach_probabilities, serve_config, stage_flops, unplaceable)
+from .placement import demand_totals, place_deployments, unplaceable
+from .planner import calibrated_exit_rates, plan_baseline, plan_groups, reach_probabilities, serve_config, stage_flops
 
 __all__ = ["register"]
 

@@ -203,6 +203,10 @@ def test_per_sample_thresholds_route_each_sample_by_its_own_row():
         alone = model.routed_forward(x[i:i + 1], rows[i])
         assert alone.exit_index.item() == out.exit_index[i].item()
         torch.testing.assert_close(alone.logits[0], out.logits[i], rtol=1e-4, atol=1e-4)
+        assert alone.flops.item() == out.flops[i].item(), "a sample's cost must not depend on its batch"
+    # a sample whose own row switches exit 0 off is not charged its head, whatever its batch mates ask
+    assert out.flops[1].item() == model.cost.backbone_flops
+    assert out.flops[2].item() == pytest.approx(model.cost.exit_cost(1) - model.exit_flops[0])
 
 
 def test_dropping_exits_that_are_off_changes_no_answer_and_no_cost():

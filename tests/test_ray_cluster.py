@@ -30,7 +30,7 @@ from branched.serving import Predictor
 from loadtests.cluster import LocalCluster, node_processes
 from loadtests.launchers import RayServe
 from loadtests.procs import session_processes
-from ray_app.planner import demand_totals, place_deployments, unplaceable
+from ray_app.placement import demand_totals, place_deployments, unplaceable
 
 from helpers import README, free_port, save_mnist_model, wait_for
 
