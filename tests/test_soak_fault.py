@@ -51,7 +51,7 @@ def test_soak_run_torchserve_report_adds_up(model_dir, tmp_path):
     assert report["failures"] == 0 and report["mismatches"] == 0
     assert report["answers"] == report["requests"] == report["logged_requests"] > 0
     assert sum(w["requests"] for w in report["windows"]) == report["requests"]
-    assert len(report["windows"]) >= 3
+    assert len(report["windows"]) >= 2  # 8 s in 3 s windows; a busy machine starts Locust late
     for w in report["windows"]:
         assert 0 < w["p50"] <= w["p95"] <= w["p99"]
     lo, hi = report["p95_range_ms"]
