@@ -335,7 +335,7 @@ def _side_outputs(model, reduced: Sequence[torch.Tensor], teacher: torch.Tensor)
 
 
 def train_exits(model, x: torch.Tensor, y: torch.Tensor, settings: FitSettings,
-                objective: ExitObjective = ExitObjective(), cache_limit_gb: float = 2.0) -> list[float]:
+                objective: ExitObjective = ExitObjective(), cache_limit_gb: float = 4.0) -> list[float]:
     """Post-train the side exits of ``model`` on a frozen backbone (PTEENet).
 
     When what the exits read for all of ``x`` (their weightless ``reduce`` of the backbone's features: the
