@@ -296,8 +296,21 @@ class BranchedModel(nn.Module):
         score = x.new_empty(n)
         spent = torch.empty(n, dtype=torch.float64, device=x.device)
         active = torch.arange(n, device=x.device)
-        features, flops = x, None
+        features, flops = x.contiguous(memory_format=self.memory_format), None
+        # Exits that are off for every sample of the batch: their segments run as the plain backbone's
+        # do, with no step around them (no head, no split, no per-sample bookkeeping).
+        off = torch.isposinf(thr).all(dim=0) if thr.dim() == 2 else torch.isposinf(thr)
+        off, skipped = off.tolist(), 0.0
         for k in range(self.num_exits):
+            seg = self.segments[k]
+            if k < self.num_exits - 1 and off[k] and not seg.dynamic:
+                features = seg(features)
+                skipped += float(seg.block_flops.sum())
+                continue
+            if skipped:
+                flops = torch.full((features.shape[0],), skipped, dtype=torch.float64, device=x.device) \
+                    if flops is None else flops + skipped
+                skipped = 0.0
             r = self.step(k, features, thr, policy, flops)
             if r.exited.numel():
                 where = active if r.exited.numel() == active.numel() else active.index_select(0, r.exited)
