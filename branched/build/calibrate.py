@@ -65,10 +65,12 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
     """A greedy path of threshold vectors from all-off (the backbone) towards the cheapest point.
 
     Each step moves one exit: an exit that is on lowers its threshold by one grid level; an exit that
-    is off may switch on at any level, because its head then costs every sample that passes it and
-    the first level alone rarely pays for that. The step taken adds the least disagreement per unit
-    of cost saved (free moves first; ties go to the larger saving); switching an exit on must save
-    cost. Cost never rises along the path, and an exit whose head never pays for itself stays off.
+    is off switches on at the highest level at which it saves cost (its head then costs every sample
+    that passes it, so the first level alone rarely pays). Switching on at the first paying level, not
+    at any level, keeps the steps small: the fixed-sequence test stops at the first point it cannot
+    certify, so one big jump early on would certify nothing. The step taken adds the least
+    disagreement per unit of cost saved (free moves first; ties go to the larger saving). Cost never
+    rises along the path, and an exit whose head never pays for itself stays off.
     """
     k1 = records.scores.shape[1]
     if k1 == 0:
@@ -97,10 +99,11 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
                 r, c = measure(lv)
                 saved, added = cost - c, r - risk
                 if level[k] == 0 and saved <= 1e-12:
-                    continue  # switching an exit on must pay for its head
+                    continue  # switching an exit on must pay for its head: try a lower threshold
                 key = (0, 0.0, -saved) if saved <= 1e-12 else (1, added / saved, -saved)
                 if best is None or key < best[0]:
                     best = (key, lv, r, c)
+                break  # an exit switches on at the first level that pays; later steps lower it one level at a time
         if best is None:
             return path
         _, level, risk, cost = best
