@@ -146,9 +146,13 @@ def _build_command(sub) -> None:
     g.add_argument("--exits", help="number of exits placed by FLOPs, comma-separated block names, or all (one "
                    "after every block but the last; calibration switches off those that do not pay; default 3)")
     g.add_argument("--spacing", default="even", choices=["even", "pareto"], help="exit placement by FLOPs")
-    g.add_argument("--exit-kind", default="conv", choices=["conv", "linear", "sdn"],
-                   help="conv: PTEENet conv branch; linear: global pool + classifier; sdn: SDN mixed pooling to cells")
-    g.add_argument("--exit-depth", type=int, default=2, help="conv layers in a conv exit (default 2)")
+    g.add_argument("--exit-kind", choices=["conv", "linear", "sdn", "mlp"],
+                   help="conv: PTEENet conv branch; linear: global pool + classifier; sdn: SDN mixed pooling to "
+                        "cells; mlp: pool + LayerNorm + MLP (default: conv on conv feature maps, mlp on tokens and "
+                        "channels-last maps)")
+    g.add_argument("--exit-pool", default="avg", choices=["avg", "cls"],
+                   help="mean over positions / tokens, or the class token (token sequences; default avg)")
+    g.add_argument("--exit-depth", type=int, default=2, help="conv (or mlp) layers in an exit (default 2)")
     g.add_argument("--exit-stride", type=int, default=2, help="stride of an exit's first conv (default 2)")
     g.add_argument("--exit-cells", type=int, default=4, help="side of an sdn exit's pooled map (default 4)")
     g.add_argument("--exit-hidden", type=int, default=0, help="hidden width of an sdn exit (default 0: none)")
