@@ -41,9 +41,15 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaves: Iterable[str]) -> None:
         super().__init__()
         self.leaves = set(leaves)
+        # Modules that hold a named block are traced through, even torch.nn's own (nn.TransformerEncoder).
+        self.holders = {".".join(n.split(".")[:i]) for n in self.leaves for i in range(1, n.count(".") + 1)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+        if module_qualified_name in self.leaves:
+            return True
+        if module_qualified_name in self.holders:
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
 
 
 @contextlib.contextmanager
@@ -57,12 +63,31 @@ def _eval(module: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
+class _Untraceable(Exception):
+    """``torch.fx`` failed; ``where`` is the innermost module it was tracing ('' for the top)."""
+
+    def __init__(self, reason: str, where: str, kind: str) -> None:
+        super().__init__(reason)
+        self.reason, self.where, self.kind = reason, where, kind
+
+
 def _trace(module: nn.Module, leaves: Iterable[str]) -> fx.Graph:
-    """The forward's graph with ``leaves`` as single calls; extra arguments fixed to their defaults."""
+    """The forward's graph with ``leaves`` as single calls; extra arguments fixed to their defaults.
+
+    Raises:
+        _Untraceable: with the innermost module being traced when it failed.
+    """
     params = list(inspect.signature(module.forward).parameters.values())[1:]
     concrete = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    with _eval(module):
-        return _Tracer(leaves).trace(module, concrete_args=concrete or None)
+    tracer = _Tracer(leaves)
+    try:
+        with _eval(module):
+            return tracer.trace(module, concrete_args=concrete or None)
+    except Exception as exc:  # noqa: BLE001 - any failure of the trace is reported the same way
+        stack = [v for v in tracer.module_stack.values() if v[0]]  # fx leaves the failing calls on its stack
+        where, kind = stack[-1] if stack else ("", type(module))
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise _Untraceable(reason, where, getattr(kind, "__name__", str(kind))) from None
 
 
 class _Graph:
@@ -165,11 +190,15 @@ def cut_model(model: nn.Module, blocks: Optional[Sequence[str]] = None,
     kind = type(model).__name__
     try:
         g = _Graph(_trace(model, blocks))
-    except Exception as exc:  # noqa: BLE001 - any tracing failure gets the same advice
-        raise CutError(f"torch.fx cannot trace {kind}.forward outside the blocks "
-                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); blocks are not "
-                       f"traced, so name blocks that contain the untraceable code, or make the forward "
-                       f"traceable") from None
+    except _Untraceable as exc:
+        if exc.where:
+            raise CutError(f"torch.fx cannot trace {exc.where!r} ({exc.kind}.forward: {exc.reason}), which holds "
+                           f"blocks {[b for b in blocks if b.startswith(exc.where + '.')]}; blocks themselves are "
+                           f"not traced, so name {exc.where!r} as one block instead, or write its forward as a "
+                           f"plain loop over its layers") from None
+        raise CutError(f"torch.fx cannot trace {kind}.forward outside the blocks ({exc.reason}); blocks "
+                       f"themselves are not traced, so name blocks that contain the untraceable code, or "
+                       f"make the forward traceable") from None
     if len(g.inputs) != 1:
         raise CutError(f"{kind}.forward takes {len(g.inputs)} inputs without defaults; a backbone takes "
                        f"one image batch")
@@ -231,8 +260,8 @@ def _chain(module: nn.Module) -> tuple[Optional[list[str]], str]:
         return None, "it has no sub-modules"
     try:
         g = _Graph(_trace(module, children))
-    except Exception as exc:  # noqa: BLE001
-        return None, f"torch.fx cannot trace it ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    except _Untraceable as exc:
+        return None, f"torch.fx cannot trace its forward ({exc.reason})"
     if len(g.inputs) != 1:
         return None, "its forward takes more than one input"
     calls = [n for n in g.nodes if n.op == "call_module"]
