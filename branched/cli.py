@@ -34,6 +34,25 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def parse_bench_thresholds(text: str) -> list:
+    """``"q20,q50,inf"`` -> ``["q20", "q50", inf]``: numbers, or ``qP`` percentiles (argparse type)."""
+    out: list = []
+    for v in (v.strip() for v in text.split(",")):
+        if not v:
+            continue
+        if v.lower().startswith("q"):
+            try:
+                p = float(v[1:])
+            except ValueError:
+                p = -1.0
+            if not 0 <= p <= 100:
+                raise argparse.ArgumentTypeError(f"a percentile threshold is q0..q100, got {v!r}")
+            out.append(f"q{p:g}")
+        else:
+            out.extend(parse_thresholds(v))
+    return out
+
+
 def add_data_args(p: argparse.ArgumentParser, split_default: str = "test") -> None:
     p.add_argument("--dataset", help="dataset name (default: the one the model was built on)")
     p.add_argument("--data-root", help="local folder of the dataset (CIFAR-10, SVHN, ImageFolder)")
@@ -79,7 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .artifact import load_model
-    from .build.evaluate import bench
+    from .build.evaluate import bench, quantile_thresholds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +110,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     else:
         x, _ = _split_tensors(model, args)
         x = x[: args.batch_size * args.batches]
-    result = bench(model, x, args.batch_size, args.thresholds, args.policy, rounds=args.rounds)
+    thresholds = args.thresholds
+    if thresholds and any(isinstance(t, str) for t in thresholds):
+        thresholds = quantile_thresholds(model, x, thresholds, args.policy)
+    result = bench(model, x, args.batch_size, thresholds, args.policy, rounds=args.rounds)
     if args.json:
         print(json.dumps(result))
         return
@@ -118,7 +140,10 @@ def _model_commands(sub) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--random-inputs", action="store_true", help="random tensors instead of the dataset")
     add_data_args(p)
-    add_routing_args(p)
+    p.add_argument("--policy", help="exit policy: confidence, max_softmax or entropy (default: the model's)")
+    p.add_argument("--thresholds", type=parse_bench_thresholds,
+                   help="per early exit, comma-separated: numbers (inf = exit off) or percentiles of the scores "
+                        "of the samples reaching that exit on the bench inputs (q20: 80%% of them leave there)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
 

@@ -507,3 +507,17 @@ def test_served_as_they_are(name, tmp_path):
         batch = survivors[1]
     assert [g["exit"] for g in got] == [a["exit"] for a in answers]
     assert [g["class_index"] for g in got] == [a["class_index"] for a in answers]
+
+
+# ------------------------------------------------------------------------------ bench: an exit mix by percentile
+def test_percentile_thresholds_give_the_asked_exit_mix():
+    from branched.cli import parse_bench_thresholds
+    from branched.evaluate import quantile_thresholds
+
+    assert parse_bench_thresholds("q20, 0.5,inf,q100") == ["q20", 0.5, math.inf, "q100"]
+    model = make("cifar_vit_micro", 32, n_exits=3)
+    x = torch.randn(100, 3, 32, 32)
+    thr = quantile_thresholds(model, x, parse_bench_thresholds("q20,q50,q50"))
+    rates = torch.bincount(model.routed_forward(x, thr).exit_index, minlength=4).tolist()
+    assert rates == [80, 10, 5, 5]
+    assert quantile_thresholds(model, x, ["q20", math.inf, 0.3])[1:] == [math.inf, 0.3]
