@@ -221,9 +221,11 @@ def cut_model(model: nn.Module, blocks: Optional[Sequence[str]] = None,
     for name, node in zip(blocks, nodes):
         other = [n for n in g.crossing(node) if n is not node]
         if other:
+            holder = name.rpartition(".")[0]
             raise CutError(f"cannot cut {kind} after {name!r}: {_describe(other[0])} is computed before it "
-                           f"and used after it (a skip connection across the cut); name blocks that "
-                           f"contain the whole skip, e.g. the module that holds {name!r}")
+                           f"and used after it (a skip connection across the cut); leave {name!r} out of the "
+                           f"blocks, or name a block that contains the whole skip"
+                           f"{f' (e.g. {holder!r})' if holder else ''}")
     result = g.output.args[0]
     if not isinstance(result, fx.Node):
         raise CutError(f"{kind}.forward returns a {type(result).__name__}, not one logits tensor; "
