@@ -6,15 +6,12 @@ FLOP counter sees; the artifact round-trips; BN folding keeps answers. Small inp
 weights keep it fast; one test runs ViT-B/16 at its native 224 px.
 """
 import copy
-import io
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torchvision import models
 
@@ -23,12 +20,14 @@ from branched.artifact import load_model, save_model
 from branched.backbones import available_backbones, build_backbone, load_backbone_weights
 from branched.blocks import CutError, cut_model, find_blocks
 from branched.cost import count_flops, flop_counter
+from branched.build.placement import exit_specs, place_exits
+from branched.config import ModelConfig
 from branched.exits import ExitBranch, ExitSpec
-from branched.model import BranchedModel, ModelConfig, exit_specs, place_exits
+from branched.model import BranchedModel
 from branched.preprocess import Preprocessor
 from branched.serving import Predictor
 
-from test_core import between, median_thresholds
+from helpers import median_thresholds, png
 
 # (registry name, input side): one member of every family, at the smallest input that keeps it meaningful.
 FAMILIES = [("cifar_vit_micro", 32), ("mobilenet_v2", 32), ("cifar_mobilenet_v3_small", 32), ("efficientnet_b0", 32),
@@ -188,13 +187,24 @@ def test_batch_answers_equal_single_answers(family):
         assert alone.flops.item() == batch.flops[i].item()
 
 
-def test_unreachable_thresholds_give_the_backbone(family):
+def test_unreachable_thresholds_give_the_backbone_at_exactly_its_cost(family):
+    """Every exit off: the plain backbone's answers, no side head runs, and exactly its FLOPs (attention included)."""
     model, size = family
     x = torch.randn(5, 3, size, size)
-    out = model.routed_forward(x, [math.inf] * (model.num_exits - 1))
+    heads = []
+    hooks = [ex.register_forward_hook(lambda *a, k=k: heads.append(k)) for k, ex in enumerate(model.exits[:-1])]
+    counter = flop_counter()
+    try:
+        with counter:
+            out = model.routed_forward(x, [math.inf] * (model.num_exits - 1))
+    finally:
+        for h in hooks:
+            h.remove()
     assert (out.exit_index == model.num_exits - 1).all()
     torch.testing.assert_close(out.logits, model.backbone_forward(x))
-    assert (out.flops == model.cost.exit_cost(model.num_exits - 1)).all()
+    assert heads == [], "an exit that is off must not run its head"
+    assert (out.flops == model.cost.backbone_flops).all()
+    assert counter.get_total_flops() == 5 * model.cost.backbone_flops
 
 
 def test_all_exit_at_zero_later_segments_do_no_work(family):
@@ -287,6 +297,12 @@ def test_exit_heads_follow_the_feature_layout():
         ExitBranch(32, 10, "conv", layout="tokens")
     with pytest.raises(ValueError, match="first token"):
         ExitBranch(32, 10, "linear", layout="nchw", pool="cls")
+    with pytest.raises(ValueError, match="'sdn' exit needs conv feature maps"):
+        ExitBranch(32, 10, "sdn", layout="nhwc")
+    # The pool of a linear or mlp exit has no weights: it is the exit's reduce, so exit training caches
+    # [B, D] per exit rather than the whole token sequence.
+    assert ex.reduce(tokens).shape == (2, 32)
+    torch.testing.assert_close(ex.head(ex.reduce(tokens)).logits, ex(tokens).logits)
 
 
 def test_class_token_exits_route_and_round_trip(tmp_path):
@@ -461,18 +477,12 @@ def test_old_torchvision_densenet_keys_load(tmp_path):
 
 
 # ------------------------------------------------------------------- served as they are (no per-family code)
-def _png(seed: int, size: int = 32) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("name", ["cifar_vit_micro", "cifar_mobilenet_v3_small"])
 def test_served_as_they_are(name, tmp_path):
     """The TorchServe handler answers through Predictor; Ray's stage replicas run Stage._step on
-    keep_stage copies. Both give the in-process answers for a ViT and a MobileNet."""
+    keep_stages copies. Both give the in-process answers for a ViT and a MobileNet."""
     model = make(name, 32)
-    requests = [(_png(i), {}) for i in range(6)]
+    requests = [(png(i), {}) for i in range(6)]
     x = torch.stack([Preprocessor.for_config(model.config).from_bytes(r[0]) for r in requests])
     model.config.thresholds = median_thresholds(model, x)
     directory = save_model(model, str(tmp_path / name))
@@ -491,7 +501,7 @@ def test_served_as_they_are(name, tmp_path):
         m = load_model(directory)
         stage.k, stage.device, stage.class_names = k, torch.device("cpu"), m.config.class_names
         stage.backbone_flops, stage.last = float(m.cost.backbone_flops), k == m.num_exits - 1
-        stage.model = app.keep_stage(m, k).optimize_for_inference()
+        stage.model = m.keep_stages([k]).optimize_for_inference()
         stage._count = lambda *a: None
         stages.append(stage)
     thr = torch.tensor(model.config.thresholds).expand(len(x), -1)
@@ -512,7 +522,7 @@ def test_served_as_they_are(name, tmp_path):
 # ------------------------------------------------------------------------------ bench: an exit mix by percentile
 def test_percentile_thresholds_give_the_asked_exit_mix():
     from branched.cli import parse_bench_thresholds
-    from branched.evaluate import quantile_thresholds
+    from branched.build.evaluate import quantile_thresholds
 
     assert parse_bench_thresholds("q20, 0.5,inf,q100") == ["q20", 0.5, math.inf, "q100"]
     model = make("cifar_vit_micro", 32, n_exits=3)
