@@ -479,8 +479,9 @@ def test_old_torchvision_densenet_keys_load(tmp_path):
 # ------------------------------------------------------------------- served as they are (no per-family code)
 @pytest.mark.parametrize("name", ["cifar_vit_micro", "cifar_mobilenet_v3_small"])
 def test_served_as_they_are(name, tmp_path):
-    """The TorchServe handler answers through Predictor; Ray's stage replicas run Stage._step on
-    keep_stages copies. Both give the in-process answers for a ViT and a MobileNet."""
+    """The TorchServe handler answers through Predictor; Ray's replicas run StageRunner.run on
+    keep_stages copies (one stage, then two in one replica). Both give the in-process answers for a
+    ViT and a MobileNet, with no per-family code."""
     model = make(name, 32)
     requests = [(png(i), {}) for i in range(6)]
     x = torch.stack([Preprocessor.for_config(model.config).from_bytes(r[0]) for r in requests])
@@ -492,22 +493,20 @@ def test_served_as_they_are(name, tmp_path):
     assert len({a["exit"] for a in answers}) > 1
     assert [a["class_index"] for a in answers] == [e["class_index"] for e in expected]
 
-    app = pytest.importorskip("ray_app.app")
+    ray_stages = pytest.importorskip("ray_app.stages")
     from ray_app.batching import Samples
 
-    stages = []
-    for k in range(model.num_exits):
-        stage = app.Stage.func_or_class.__new__(app.Stage.func_or_class)
-        m = load_model(directory)
-        stage.k, stage.device, stage.class_names = k, torch.device("cpu"), m.config.class_names
-        stage.backbone_flops, stage.last = float(m.cost.backbone_flops), k == m.num_exits - 1
-        stage.model = m.keep_stages([k]).optimize_for_inference()
-        stage._count = lambda *a: None
-        stages.append(stage)
+    runners = []
+    for group in ([0], [1, 2]):  # a replica with one stage, then one that hosts the next two
+        runner = ray_stages.StageRunner.__new__(ray_stages.StageRunner)  # no Ray metrics outside a replica
+        runner.stages, runner.device, runner.busy_s = group, torch.device("cpu"), 0.0
+        runner.model = load_model(directory).keep_stages(group).optimize_for_inference()
+        runner._count = lambda *a: None
+        runners.append(runner)
     thr = torch.tensor(model.config.thresholds).expand(len(x), -1)
     batch, positions, got = Samples(x, thr), list(range(len(x))), [None] * len(x)
-    for stage in stages:
-        results, survivors = stage._step(batch)
+    for runner in runners:
+        results, survivors = runner.run(batch)
         for i, r in enumerate(results):
             if r is not None:
                 got[positions[i]] = r
