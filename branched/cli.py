@@ -98,7 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .artifact import load_model
-    from .build.evaluate import bench, quantile_thresholds
+    from .build.evaluate import bench, percentile_thresholds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +112,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         x = x[: args.batch_size * args.batches]
     thresholds = args.thresholds
     if thresholds and any(isinstance(t, str) for t in thresholds):
-        thresholds = quantile_thresholds(model, x, thresholds, args.policy)
+        thresholds = percentile_thresholds(model, x, thresholds, args.policy)
     result = bench(model, x, args.batch_size, thresholds, args.policy, rounds=args.rounds)
     if args.json:
         print(json.dumps(result))

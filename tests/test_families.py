@@ -521,12 +521,12 @@ def test_served_as_they_are(name, tmp_path):
 # ------------------------------------------------------------------------------ bench: an exit mix by percentile
 def test_percentile_thresholds_give_the_asked_exit_mix():
     from branched.cli import parse_bench_thresholds
-    from branched.build.evaluate import quantile_thresholds
+    from branched.build.evaluate import percentile_thresholds
 
     assert parse_bench_thresholds("q20, 0.5,inf,q100") == ["q20", 0.5, math.inf, "q100"]
     model = make("cifar_vit_micro", 32, n_exits=3)
     x = torch.randn(100, 3, 32, 32)
-    thr = quantile_thresholds(model, x, parse_bench_thresholds("q20,q50,q50"))
+    thr = percentile_thresholds(model, x, parse_bench_thresholds("q20,q50,q50"))
     rates = torch.bincount(model.routed_forward(x, thr).exit_index, minlength=4).tolist()
     assert rates == [80, 10, 5, 5]
-    assert quantile_thresholds(model, x, ["q20", math.inf, 0.3])[1:] == [math.inf, 0.3]
+    assert percentile_thresholds(model, x, ["q20", math.inf, 0.3])[1:] == [math.inf, 0.3]

@@ -11,7 +11,7 @@ from ..model import BranchedModel
 from ..outputs import RoutedOutput
 from ..routing import Thresholds, exit_score, resolve_thresholds
 
-__all__ = ["predict", "evaluate", "bench", "quantile_thresholds"]
+__all__ = ["predict", "evaluate", "bench", "percentile_thresholds"]
 
 
 @torch.no_grad()
@@ -49,14 +49,15 @@ def evaluate(model: BranchedModel, x: torch.Tensor, y: torch.Tensor, thresholds:
 
 
 @torch.inference_mode()
-def quantile_thresholds(model: BranchedModel, x: torch.Tensor, spec: Sequence[Union[float, str]],
-                        policy: Optional[str] = None) -> list[float]:
+def percentile_thresholds(model: BranchedModel, x: torch.Tensor, spec: Sequence[Union[float, str]],
+                          policy: Optional[str] = None) -> list[float]:
     """Thresholds that give a chosen exit mix on ``x``: ``"qP"`` at exit ``k`` is the ``P``-th percentile
     of the scores of the samples that reach exit ``k``, so ``100 - P`` % of them leave there
     (``"q20"`` at exit 0: 80% of ``x`` leaves at exit 0). Numbers pass through unchanged.
 
     A percentile threshold lies halfway between two neighbouring scores, so float noise between
-    batch shapes cannot move a sample across it.
+    batch shapes cannot move a sample across it. (:func:`branched.build.random_model.quantile_thresholds`
+    fixes shares of *all* samples from precomputed scores; this one runs the model, exit by exit.)
     """
     if len(spec) != model.num_exits - 1:
         raise ValueError(f"need {model.num_exits - 1} thresholds (one per early exit), got {len(spec)}")
