@@ -2,10 +2,12 @@
 
 Blocks reproduce torchvision's forward; routed answers equal single-sample answers; unreachable
 thresholds give the plain backbone; all-exit-at-0 never runs later segments and costs what the
-FLOP counter sees; the artifact round-trips; BN folding keeps answers. Small inputs and random
-weights keep it fast; one test runs ViT-B/16 at its native 224 px.
+FLOP counter sees; the artifact round-trips; BN folding keeps answers: one test per family runs them
+all on one model, built once for the module. Each family is torchvision's own class at a tiny
+width and depth (torchvision's constructors take the settings), or a registry entry that is already
+small, at 32 px with random weights, on one torch thread; one test runs ViT-B/16 at its native 224 px.
 """
-import copy
+import functools
 import math
 import re
 
@@ -14,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models
+from torchvision.models.convnext import CNBlockConfig
+from torchvision.models.efficientnet import MBConvConfig
+from torchvision.models.regnet import BlockParams
 
 from branched import families
 from branched.artifact import load_model, save_model
@@ -29,9 +34,12 @@ from branched.serving import Predictor
 
 from helpers import median_thresholds, png
 
-# (registry name, input side): one member of every family, at the smallest input that keeps it meaningful.
-FAMILIES = [("cifar_vit_micro", 32), ("mobilenet_v2", 32), ("cifar_mobilenet_v3_small", 32), ("efficientnet_b0", 32),
-            ("regnet_y_400mf", 32), ("convnext_tiny", 32), ("swin_t", 32), ("tinynet", 32), ("hybridnet", 32)]
+# One member of every family at 32 px: registry entries that are already small (cifar_vit_micro: torchvision's
+# VisionTransformer, 4 x 32; cifar_mobilenet_v3_small: the CIFAR stem), torchvision's classes at tiny settings
+# (registered below, cut by the same tracing as their registry names), and a user's own models.
+FAMILIES = ["cifar_vit_micro", "tiny_mobilenet_v2", "cifar_mobilenet_v3_small", "tiny_efficientnet", "tiny_regnet_y",
+            "tiny_convnext", "tiny_swin", "tinynet", "hybridnet"]
+SIZE = 32
 
 
 # ------------------------------------------------------------------------------------- a user's own models
@@ -113,6 +121,28 @@ families.register_backbone("hybridnet", HybridNet, input_size=32, replace=True,
 families.register_backbone("oddnet", OddNet, input_size=32, replace=True,
                            blocks=["stem", "stage1", "down", "stage2"])
 
+# torchvision's classes with their own settings made tiny: the modules, forwards and dotted names of
+# mobilenet_v2, efficientnet_b0, regnet_y_400mf, convnext_tiny and swin_t, at a few thousand parameters.
+TINY = {
+    "tiny_mobilenet_v2": (lambda n: models.mobilenet_v2(
+        num_classes=n, width_mult=0.25, inverted_residual_setting=[[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 1, 2]]),
+        "nchw"),
+    "tiny_efficientnet": (lambda n: models.EfficientNet(
+        [MBConvConfig(1, 3, 1, 16, 8, 1), MBConvConfig(6, 3, 2, 8, 16, 2), MBConvConfig(6, 5, 2, 16, 24, 1)],
+        dropout=0.2, num_classes=n), "nchw"),
+    "tiny_regnet_y": (lambda n: models.RegNet(BlockParams.from_init_params(
+        depth=4, w_0=8, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25), num_classes=n, stem_width=8), "nchw"),
+    # layer_scale 0.5 (torchvision's default 1e-6 makes every block next to the identity at random weights)
+    "tiny_convnext": (lambda n: models.ConvNeXt(
+        [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 1)], layer_scale=0.5,
+        num_classes=n), "nchw"),
+    # windows of 4 on an 8x8 map: shifted windows and their attention mask in stage 1, a window = the map later
+    "tiny_swin": (lambda n: models.SwinTransformer(
+        [4, 4], 16, [1, 2, 1], [1, 2, 4], [4, 4], stochastic_depth_prob=0.0, num_classes=n), "nhwc"),
+}
+for _name, (_factory, _layout) in TINY.items():
+    families.register_backbone(_name, _factory, input_size=32, layout=_layout, replace=True)
+
 
 def user_factory(num_classes: int) -> nn.Module:
     """What an installed package names in its ``branched.backbones`` entry point."""
@@ -159,105 +189,108 @@ def assert_logits_close(a: torch.Tensor, b: torch.Tensor) -> None:
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, float(b.abs().max())))
 
 
-@pytest.fixture(scope="module", params=FAMILIES, ids=[f for f, _ in FAMILIES])
-def family(request):
-    name, size = request.param
-    return make(name, size), size
+@functools.cache
+def built(name: str) -> BranchedModel:
+    """The module's one model of family ``name`` (two exits, 32 px). Tests that use it leave it as they found it."""
+    return make(name, SIZE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models of a few thousand parameters gain nothing from a second intra-op thread, and on a shared 2-core
+    machine a parallel region waits for a descheduled peer (beside a one-core benchmark this module took
+    100 s on two threads, 18 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def saved(model: BranchedModel, directory: str, thresholds: list[float]) -> str:
+    """``model`` saved with ``thresholds`` as its own; the shared model keeps its config."""
+    before = model.config.thresholds
+    model.config.thresholds = thresholds
+    try:
+        return save_model(model, directory)
+    finally:
+        model.config.thresholds = before
+
+
+def run_hooked(model: BranchedModel, modules, x: torch.Tensor, thresholds: list[float]):
+    """``routed_forward`` under the FLOP counter, with the indices of ``modules`` that ran, in order."""
+    ran = []
+    hooks = [m.register_forward_hook(lambda *a, k=k: ran.append(k)) for k, m in enumerate(modules)]
+    counter = flop_counter()
+    try:
+        with counter:
+            out = model.routed_forward(x, thresholds)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, ran, counter.get_total_flops()
 
 
 # -------------------------------------------------------------------------------------- per-family checks
-def test_blocks_reproduce_the_torchvision_forward(family):
-    model, size = family
-    x = torch.randn(3, 3, size, size)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family(name, tmp_path):
+    """Every check the families share, on one model: forward, batch = single, exits off, all at exit 0, cost
+    table, artifact round trip, and BN folding (on the loaded copy)."""
+    model = built(name)
+    x = torch.randn(12, 3, SIZE, SIZE)
+    off, first = [math.inf] * (model.num_exits - 1), [0.0] * (model.num_exits - 1)
+
+    # The blocks and the head in order are the torchvision (or the user's) forward.
     with torch.no_grad():
-        torch.testing.assert_close(model.backbone_forward(x), model.source(x))
+        plain = model.source(x)
+        torch.testing.assert_close(model.backbone_forward(x), plain)
 
-
-def test_batch_answers_equal_single_answers(family):
-    model, size = family
-    x = torch.randn(12, 3, size, size)
+    # Routed answers in a batch equal single-sample answers.
     thr = median_thresholds(model, x)
     batch = model.routed_forward(x, thr)
     assert len(set(batch.exit_index.tolist())) > 1, "thresholds should spread samples over exits"
     for i in range(len(x)):
         alone = model.routed_forward(x[i:i + 1], thr)
-        assert alone.exit_index.item() == batch.exit_index[i].item()
-        assert alone.class_index.item() == batch.class_index[i].item()
+        assert alone.exit_index.item() == batch.exit_index[i].item(), f"sample {i}: exit"
+        assert alone.class_index.item() == batch.class_index[i].item(), f"sample {i}: class"
         assert_logits_close(alone.logits[0], batch.logits[i])
-        assert alone.flops.item() == batch.flops[i].item()
+        assert alone.flops.item() == batch.flops[i].item(), f"sample {i}: flops"
 
-
-def test_unreachable_thresholds_give_the_backbone_at_exactly_its_cost(family):
-    """Every exit off: the plain backbone's answers, no side head runs, and exactly its FLOPs (attention included)."""
-    model, size = family
-    x = torch.randn(5, 3, size, size)
-    heads = []
-    hooks = [ex.register_forward_hook(lambda *a, k=k: heads.append(k)) for k, ex in enumerate(model.exits[:-1])]
-    counter = flop_counter()
-    try:
-        with counter:
-            out = model.routed_forward(x, [math.inf] * (model.num_exits - 1))
-    finally:
-        for h in hooks:
-            h.remove()
+    # Every exit off: the plain backbone's answers, no side head runs, exactly its FLOPs (attention included).
+    out, heads, flops = run_hooked(model, model.exits[:-1], x[:5], off)
     assert (out.exit_index == model.num_exits - 1).all()
-    torch.testing.assert_close(out.logits, model.backbone_forward(x))
+    torch.testing.assert_close(out.logits, plain[:5])
     assert heads == [], "an exit that is off must not run its head"
     assert (out.flops == model.cost.backbone_flops).all()
-    assert counter.get_total_flops() == 5 * model.cost.backbone_flops
+    assert flops == 5 * model.cost.backbone_flops
 
-
-def test_all_exit_at_zero_later_segments_do_no_work(family):
-    model, size = family
-    calls = []
-    hooks = [seg.register_forward_hook(lambda *a, k=k: calls.append(k)) for k, seg in enumerate(model.segments)]
-    x = torch.randn(4, 3, size, size)
-    counter = flop_counter()
-    try:
-        with counter:
-            out = model.routed_forward(x, [0.0] * (model.num_exits - 1))
-    finally:
-        for h in hooks:
-            h.remove()
+    # Every sample out at exit 0: later segments never run, and the counter sees exit 0's cost only.
+    out, segments, flops = run_hooked(model, model.segments, x[:4], first)
     assert (out.exit_index == 0).all()
-    assert calls == [0]
-    assert counter.get_total_flops() == 4 * model.cost.exit_cost(0)
+    assert segments == [0]
+    assert flops == 4 * model.cost.exit_cost(0)
 
-
-def test_cost_table_matches_the_flop_counter(family):
-    model, size = family
+    # The cost table is the FLOP counter's view of the torchvision model.
     with torch.no_grad():
-        assert model.cost.backbone_flops == count_flops(model.source, torch.zeros(1, 3, size, size))
+        assert model.cost.backbone_flops == count_flops(model.source, torch.zeros(1, 3, SIZE, SIZE))
     fractions = model.cost.exit_cost_fractions()
     assert fractions == sorted(fractions) and fractions[0] < 1 < fractions[-1]
 
-
-def test_artifact_round_trip(family, tmp_path):
-    model, size = family
-    model = copy.deepcopy(model)
-    x = torch.randn(8, 3, size, size)
-    thr = median_thresholds(model, x)
-    model.config.thresholds = thr
-    loaded = load_model(save_model(model, str(tmp_path / "m")))
-    before, after = model.routed_forward(x), loaded.routed_forward(x)
-    assert torch.equal(before.exit_index, after.exit_index)
-    assert torch.equal(before.logits, after.logits)
+    # Artifact round trip, thresholds included.
+    loaded = load_model(saved(model, str(tmp_path / "m"), thr))
+    after = loaded.routed_forward(x)
+    assert loaded.config.thresholds == thr
+    assert torch.equal(batch.exit_index, after.exit_index)
+    assert torch.equal(batch.logits, after.logits)
     assert loaded.cost.to_dict() == model.cost.to_dict()
     assert [s.names for s in loaded.segments] == [s.names for s in model.segments]
 
-
-def test_optimized_model_keeps_answers(family):
-    model, size = family
-    model = copy.deepcopy(model)  # folding changes the model in place
-    x = torch.randn(16, 3, size, size)
-    thr = median_thresholds(model, x)
-    before = model.routed_forward(x, thr)
-    model.optimize_for_inference()
-    after = model.routed_forward(x, thr)
-    assert torch.equal(before.exit_index, after.exit_index)
-    assert_logits_close(before.logits, after.logits)
-    conv_maps = all(lay == "nchw" for lay in model.feature_layouts)
-    assert model.memory_format == (torch.channels_last if conv_maps else torch.contiguous_format)
+    # BN folding (and channels-last on conv maps) keeps the answers; done on the loaded copy.
+    loaded.optimize_for_inference()
+    folded = loaded.routed_forward(x, thr)
+    assert torch.equal(batch.exit_index, folded.exit_index)
+    assert_logits_close(batch.logits, folded.logits)
+    conv_maps = all(lay == "nchw" for lay in loaded.feature_layouts)
+    assert loaded.memory_format == (torch.channels_last if conv_maps else torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------- blocks and layouts
@@ -268,8 +301,9 @@ def test_blocks_are_the_torchvision_modules_by_their_dotted_names():
     mob = build_backbone("mobilenet_v3_small", 10)
     assert mob.block_names == [f"features.{i}" for i in range(13)]
     assert mob.blocks[3][1] is mob.model.features[3]
-    swin = build_backbone("swin_t", 10)
-    assert swin.layout == "nhwc" and swin.block_names[:4] == ["features.0", "features.1.0", "features.1.1", "features.2"]
+    assert {families.family(n).layout for n in ("swin_t", "swin_s", "swin_b", "swin_v2_t")} == {"nhwc"}
+    swin = build_backbone("tiny_swin", 10)  # swin_t's modules at depths (1, 2, 1): swin_t's names
+    assert swin.block_names[:5] == ["features.0", "features.1.0", "features.2", "features.3.0", "features.3.1"]
     eff = build_backbone("efficientnet_b0", 10)
     assert eff.block_names[:4] == ["features.0", "features.1.0", "features.2.0", "features.2.1"]
     assert {"vit_b_16", "swin_v2_t", "efficientnet_b7", "regnet_x_800mf", "convnext_base", "mobilenet_v2",
@@ -277,10 +311,10 @@ def test_blocks_are_the_torchvision_modules_by_their_dotted_names():
 
 
 def test_exit_heads_follow_the_feature_layout():
-    vit, swin = make("cifar_vit_micro", 32), make("swin_t", 32)
+    vit, swin = built("cifar_vit_micro"), built("tiny_swin")
     assert vit.feature_layouts == ["tokens"] * 3 and swin.feature_layouts == ["nhwc"] * 3
     assert [e.kind for e in vit.config.exits] == ["mlp", "mlp"]
-    assert make("mobilenet_v2", 32).config.exits[0].kind == "conv"
+    assert built("tiny_mobilenet_v2").config.exits[0].kind == "conv"
     ex = vit.exits[0]
     assert isinstance(ex.norm, nn.LayerNorm) and ex.classifier.in_features == 32
     tokens = torch.randn(2, 17, 32)
@@ -323,19 +357,21 @@ def test_vit_b_16_at_its_native_size():
     assert bb.default_input_size == 224 and len(bb.blocks) == 13
     randomize(bb.model, 224)
     x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        h = x
-        for _, block in bb.blocks:
-            h = block(h)
-        torch.testing.assert_close(bb.head(h), bb.model(x))
-        flops = count_flops(bb.model, x)
+    counter, plain = flop_counter(), torch.utils.flop_counter.FlopCounterMode(display=False)
+    with torch.no_grad():  # two forwards: torchvision's under branched's counter, the blocks under torch's own
+        with counter:
+            expected = bb.model(x)
+        with plain:
+            h = x
+            for _, block in bb.blocks:
+                h = block(h)
+            got = bb.head(h)
+    torch.testing.assert_close(got, expected)
+    flops = counter.get_total_flops()
     # torchvision's model card: 17.56 GMACs (multiply-adds); the counter counts 2 FLOPs per MAC.
     assert abs(flops / 2e9 - 17.564) < 0.02
     # Without the attention formulas the torch counter misses the attention (and, under no_grad,
     # nn.MultiheadAttention's projections): a third of the model.
-    plain = torch.utils.flop_counter.FlopCounterMode(display=False)
-    with torch.no_grad(), plain:
-        bb.model(x)
     assert plain.get_total_flops() < 0.7 * flops
 
 
@@ -471,9 +507,9 @@ def test_old_torchvision_densenet_keys_load(tmp_path):
     assert "features.denseblock1.denselayer1.norm.1.weight" in old
     torch.save(old, tmp_path / "densenet121-a639ec97.pth")
     bb = load_backbone_weights("densenet121", 10, str(tmp_path / "densenet121-a639ec97.pth"))
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(bb.model.eval()(x), source(x))
+    loaded = bb.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items()
+               if not k.endswith("num_batches_tracked"))  # not in the old file
 
 
 # ------------------------------------------------------------------- served as they are (no per-family code)
@@ -482,13 +518,13 @@ def test_served_as_they_are(name, tmp_path):
     """The TorchServe handler answers through Predictor; Ray's replicas run StageRunner.run on
     keep_stages copies (one stage, then two in one replica). Both give the in-process answers for a
     ViT and a MobileNet, with no per-family code."""
-    model = make(name, 32)
+    model = built(name)
     requests = [(png(i), {}) for i in range(6)]
     x = torch.stack([Preprocessor.for_config(model.config).from_bytes(r[0]) for r in requests])
-    model.config.thresholds = median_thresholds(model, x)
-    directory = save_model(model, str(tmp_path / name))
+    thresholds = median_thresholds(model, x)
+    directory = saved(model, str(tmp_path / name), thresholds)
     answers = Predictor(directory).answer_batch(requests)
-    expected = model.routed_forward(x).answers(model.config.class_names)
+    expected = model.routed_forward(x, thresholds).answers(model.config.class_names)
     assert [a["exit"] for a in answers] == [e["exit"] for e in expected]
     assert len({a["exit"] for a in answers}) > 1
     assert [a["class_index"] for a in answers] == [e["class_index"] for e in expected]
@@ -503,7 +539,7 @@ def test_served_as_they_are(name, tmp_path):
         runner.model = load_model(directory).keep_stages(group).optimize_for_inference()
         runner._count = lambda *a: None
         runners.append(runner)
-    thr = torch.tensor(model.config.thresholds).expand(len(x), -1)
+    thr = torch.tensor(thresholds).expand(len(x), -1)
     batch, positions, got = Samples(x, thr), list(range(len(x))), [None] * len(x)
     for runner in runners:
         results, survivors = runner.run(batch)
