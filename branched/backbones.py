@@ -1,10 +1,13 @@
 """Turn a torchvision classifier into an ordered list of named blocks and a head.
 
 A *block* is the unit at which exits may attach (a ResNet basic/bottleneck block, a VGG
-conv-BN-ReLU group, a DenseNet dense layer or transition). Running the blocks in order and then
-the head reproduces the torchvision model's forward exactly.
+conv-BN-ReLU group, a DenseNet dense layer or transition, a MobileNet inverted residual, a ViT
+encoder layer...). Running the blocks in order and then the head reproduces the torchvision
+model's forward exactly.
 
-Two families of input size are supported:
+ResNet, VGG-BN and DenseNet are cut by hand here; every other family (MobileNet, EfficientNet,
+RegNet, ConvNeXt, ViT, Swin, a user's own model) is registered in :mod:`branched.families` and
+cut by :func:`branched.blocks.cut_model`. For the hand-cut ones, two families of input size:
 
 * ImageNet-style (``resnet18``, ``vgg16_bn``, ``densenet121``...): the torchvision model as is.
 * CIFAR-style (``cifar_resnet18``, ``cifar_vgg16_bn``, ``cifar_densenet121``, and the
@@ -17,12 +20,16 @@ the torch hub cache, or training (``branched.build.train``).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 import torch
 from torch import nn
 from torchvision import models
 from torchvision.models.densenet import _DenseBlock
 from torchvision.models.resnet import BasicBlock
+
+from . import families
+from .blocks import cut_model
 
 __all__ = [
     "Backbone",
@@ -45,6 +52,8 @@ class Backbone:
         num_classes: width of the head's output.
         default_input_size: side length the architecture is meant for.
         model: the whole torchvision model the blocks were cut from (they share modules).
+        layout: how the backbone's rank-4 features are laid out, ``"nchw"`` or ``"nhwc"`` (Swin);
+            rank-3 features are token sequences ``[B, N, D]`` whatever this says.
     """
 
     name: str
@@ -53,6 +62,7 @@ class Backbone:
     num_classes: int
     default_input_size: int
     model: nn.Module
+    layout: str = "nchw"
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The torchvision model's state_dict: what ``load_backbone_weights`` reads back."""
@@ -134,22 +144,24 @@ class _CifarResNet(models.ResNet):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-_CIFAR_RESNET_DEPTHS = (20, 32, 56, 110)
-_TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101",
-                      "vgg11_bn", "vgg16_bn", "vgg19_bn", "densenet121")
-BACKBONES: tuple[str, ...] = tuple(sorted(
-    list(_TORCHVISION_ARCHS) + [f"cifar_{a}" for a in _TORCHVISION_ARCHS]
-    + [f"cifar_resnet{d}" for d in _CIFAR_RESNET_DEPTHS]))
+_CIFAR_RESNET_DEPTHS = families.CIFAR_RESNET_DEPTHS
+BACKBONES: tuple[str, ...] = families.HAND_CUT
 
 
 def available_backbones() -> list[str]:
-    return list(BACKBONES)
+    """Every backbone name: the hand-cut families, the registered ones and installed entry points."""
+    return sorted(set(BACKBONES) | set(families.family_names()))
 
 
 def _make_model(name: str, num_classes: int) -> nn.Module:
     """The whole (untrained) torchvision model; its state_dict keys are torchvision's own."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}")
+        fam = families.family(name)
+        if fam is None:
+            raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(available_backbones())}; "
+                             f"or register your own model (branched.families.register_backbone, or an "
+                             f"entry point in the group '{families.ENTRY_POINT_GROUP}')")
+        return fam.factory(num_classes)
     arch = name.removeprefix("cifar_")
     if name.startswith("cifar_resnet") and int(arch.removeprefix("resnet")) in _CIFAR_RESNET_DEPTHS:
         return _CifarResNet(int(arch.removeprefix("resnet")), num_classes)
@@ -162,6 +174,10 @@ def _make_model(name: str, num_classes: int) -> nn.Module:
 def _cut(name: str, model: nn.Module, num_classes: int) -> Backbone:
     """Cut a torchvision model into blocks and a head, sharing its modules (no copies)."""
     blocks: list[tuple[str, nn.Module]]
+    if name not in BACKBONES:
+        fam = families.family(name)
+        blocks, head = cut_model(model, fam.blocks, fam.input_size)
+        return Backbone(name, blocks, head, num_classes, fam.input_size, model, fam.layout)
     if isinstance(model, models.ResNet):
         blocks = [("stem", nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool))]
         for layer_name in ("layer1", "layer2", "layer3", "layer4"):
@@ -182,7 +198,7 @@ def _cut(name: str, model: nn.Module, num_classes: int) -> Backbone:
     elif isinstance(model, models.VGG):
         blocks = _vgg_blocks(model.features)
         head = nn.Sequential(model.avgpool, nn.Flatten(1), model.classifier)
-    else:  # pragma: no cover - _make_model only builds the three families
+    else:  # pragma: no cover - _make_model builds only the three families under these names
         raise TypeError(f"cannot cut a {type(model).__name__} into blocks")
     return Backbone(name, blocks, head, num_classes, 32 if name.startswith("cifar_") else 224, model)
 
@@ -209,7 +225,8 @@ def build_backbone(name: str, num_classes: int) -> Backbone:
         num_classes: output width of the head.
 
     Raises:
-        ValueError: for an unknown name; the message lists the known ones.
+        ValueError: for an unknown name (the message lists the known ones), or a registered model
+            that cannot be cut (:class:`branched.blocks.CutError`, which says why).
     """
     return _cut(name, _make_model(name, num_classes), num_classes)
 
@@ -223,6 +240,19 @@ def _torchvision_weights(spec: str):
     return getattr(enum, member, None) if enum is not None else None
 
 
+# torchvision's DenseNet checkpoints predate its module names ("denselayer1.norm.1.weight"); torchvision
+# renames the keys when it loads them itself, and so do we.
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _torchvision_keys(state: dict) -> dict:
+    """A checkpoint's state_dict with torchvision's old key names and a DDP ``module.`` prefix undone."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {(lambda m: m.group(1) + m.group(2) if m else k)(_OLD_DENSENET_KEY.match(k)): v for k, v in state.items()}
+
+
 def load_backbone_weights(name: str, num_classes: int, spec: str) -> Backbone:
     """Build backbone ``name`` and load its weights from ``spec``, offline.
 
@@ -231,8 +261,9 @@ def load_backbone_weights(name: str, num_classes: int, spec: str) -> Backbone:
         num_classes: output width of the head.
         spec: a local checkpoint path holding a ``state_dict`` of the torchvision model (as
             ``torch.save(model.state_dict())`` writes it; ``{"state_dict": ...}`` also works), or a
-            torchvision weights name such as ``"ResNet18_Weights.IMAGENET1K_V1"`` whose file is
-            already in the torch hub cache.
+            torchvision weights name such as ``"ResNet18_Weights.IMAGENET1K_V1"`` or
+            ``"ViT_B_16_Weights.DEFAULT"`` whose file is already in the torch hub cache. torchvision's
+            own files load as they are (old DenseNet key names are renamed as torchvision does).
 
     Raises:
         FileNotFoundError: the checkpoint (or cached torchvision file) is not on disk.
@@ -253,10 +284,13 @@ def load_backbone_weights(name: str, num_classes: int, spec: str) -> Backbone:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a weights-only checkpoint"
         raise ValueError(f"cannot read {path!r} as a weights-only PyTorch checkpoint: {exc}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} holds a {type(state).__name__}, expected a state_dict")
+    state = _torchvision_keys(state)
     model = _make_model(name, num_classes)
     try:
         model.load_state_dict(state)

@@ -34,6 +34,25 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def parse_bench_thresholds(text: str) -> list:
+    """``"q20,q50,inf"`` -> ``["q20", "q50", inf]``: numbers, or ``qP`` percentiles (argparse type)."""
+    out: list = []
+    for v in (v.strip() for v in text.split(",")):
+        if not v:
+            continue
+        if v.lower().startswith("q"):
+            try:
+                p = float(v[1:])
+            except ValueError:
+                p = -1.0
+            if not 0 <= p <= 100:
+                raise argparse.ArgumentTypeError(f"a percentile threshold is q0..q100, got {v!r}")
+            out.append(f"q{p:g}")
+        else:
+            out.extend(parse_thresholds(v))
+    return out
+
+
 def add_data_args(p: argparse.ArgumentParser, split_default: str = "test") -> None:
     p.add_argument("--dataset", help="dataset name (default: the one the model was built on)")
     p.add_argument("--data-root", help="local folder of the dataset (CIFAR-10, SVHN, ImageFolder)")
@@ -79,7 +98,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .artifact import load_model
-    from .build.evaluate import bench
+    from .build.evaluate import bench, percentile_thresholds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +110,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     else:
         x, _ = _split_tensors(model, args)
         x = x[: args.batch_size * args.batches]
-    result = bench(model, x, args.batch_size, args.thresholds, args.policy, rounds=args.rounds)
+    thresholds = args.thresholds
+    if thresholds and any(isinstance(t, str) for t in thresholds):
+        thresholds = percentile_thresholds(model, x, thresholds, args.policy)
+    result = bench(model, x, args.batch_size, thresholds, args.policy, rounds=args.rounds)
     if args.json:
         print(json.dumps(result))
         return
@@ -118,7 +140,10 @@ def _model_commands(sub) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--random-inputs", action="store_true", help="random tensors instead of the dataset")
     add_data_args(p)
-    add_routing_args(p)
+    p.add_argument("--policy", help="exit policy: confidence, max_softmax or entropy (default: the model's)")
+    p.add_argument("--thresholds", type=parse_bench_thresholds,
+                   help="per early exit, comma-separated: numbers (inf = exit off) or percentiles of the scores "
+                        "of the samples reaching that exit on the bench inputs (q20: 80%% of them leave there)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
 
@@ -146,9 +171,13 @@ def _build_command(sub) -> None:
     g.add_argument("--exits", help="number of exits placed by FLOPs, comma-separated block names, or all (one "
                    "after every block but the last; calibration switches off those that do not pay; default 3)")
     g.add_argument("--spacing", default="even", choices=["even", "pareto"], help="exit placement by FLOPs")
-    g.add_argument("--exit-kind", default="conv", choices=["conv", "linear", "sdn"],
-                   help="conv: PTEENet conv branch; linear: global pool + classifier; sdn: SDN mixed pooling to cells")
-    g.add_argument("--exit-depth", type=int, default=2, help="conv layers in a conv exit (default 2)")
+    g.add_argument("--exit-kind", choices=["conv", "linear", "sdn", "mlp"],
+                   help="conv: PTEENet conv branch; linear: global pool + classifier; sdn: SDN mixed pooling to "
+                        "cells; mlp: pool + LayerNorm + MLP (default: conv on conv feature maps, mlp on tokens and "
+                        "channels-last maps)")
+    g.add_argument("--exit-pool", default="avg", choices=["avg", "cls"],
+                   help="mean over positions / tokens, or the class token (token sequences; default avg)")
+    g.add_argument("--exit-depth", type=int, default=2, help="conv (or mlp) layers in an exit (default 2)")
     g.add_argument("--exit-stride", type=int, default=2, help="stride of an exit's first conv (default 2)")
     g.add_argument("--exit-cells", type=int, default=4, help="side of an sdn exit's pooled map (default 4)")
     g.add_argument("--exit-hidden", type=int, default=0, help="hidden width of an sdn exit (default 0: none)")

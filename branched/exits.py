@@ -2,15 +2,26 @@
 
 * ``"conv"``: PTEENet's branch, ``depth`` x [conv3x3 -> BN -> ReLU] at the attachment's width,
   global average pool, then a linear classifier and a confidence head (linear -> sigmoid).
+  Convolutional feature maps (``"nchw"``) only.
 * ``"linear"``: the light BranchyNet variant, global average pool -> linear classifier, with
   the same confidence head on the pooled features.
 * ``"sdn"``: SDN's internal classifier (Kaya et al. 2019): a learned mix of max and average pooling
   down to ``cells x cells``, batch norm, optionally one hidden layer (``hidden``), then the
   classifier and confidence head. It keeps where things are in the map, which a global pool throws
   away, for well under 1% of a CIFAR ResNet's FLOPs: accurate early in a network at almost no cost.
+  Convolutional feature maps only.
+* ``"mlp"``: pool -> LayerNorm -> ``depth`` x [linear -> GELU] -> classifier and confidence head;
+  the transformer-style branch, for any layout.
 
-Every exit is ``head(reduce(x))``: ``reduce`` has no weights (identity, or the SDN head's two pooled
-maps), so exit training can cache its small output instead of the backbone's feature maps.
+Every kind reads the features in the layout they come in (:data:`FEATURE_LAYOUTS`): conv maps
+``[B, C, H, W]``, channels-last maps ``[B, H, W, C]`` (Swin), token sequences ``[B, N, D]``
+(ViT) or vectors ``[B, D]``. Pooling is the spatial / token mean (``pool="avg"``) or, for tokens,
+the first (class) token (``pool="cls"``). On anything but conv maps, a LayerNorm follows the pool,
+as transformers' own heads do. Whatever the layout, an exit returns :class:`ExitOutput`.
+
+Every exit is ``head(reduce(x))``: ``reduce`` has no weights (identity before a conv branch, the
+global pool of a ``"linear"`` or ``"mlp"`` branch, the SDN head's two pooled maps), so exit training
+can cache its small output instead of the backbone's feature maps.
 
 The backbone's own head is the last exit (:class:`BackboneHeadExit`); it has no confidence head
 and, being last, accepts every sample that reaches it.
@@ -18,14 +29,39 @@ and, being last, accepts every sample that reaches it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ExitOutput", "ExitSpec", "ExitBranch", "BackboneHeadExit", "EXIT_KINDS", "PooledMaps", "MixedPool"]
+__all__ = ["ExitOutput", "ExitSpec", "ExitBranch", "BackboneHeadExit", "EXIT_KINDS", "EXIT_POOLS",
+           "FEATURE_LAYOUTS", "PooledMaps", "MixedPool", "feature_layout", "feature_width", "default_exit_kind"]
 
-EXIT_KINDS = ("conv", "linear", "sdn")
+EXIT_KINDS = ("conv", "linear", "sdn", "mlp")
+EXIT_POOLS = ("avg", "cls")
+FEATURE_LAYOUTS = ("nchw", "nhwc", "tokens", "vector")
+_MAP_ONLY = ("conv", "sdn")  # kinds that need conv feature maps [B, C, H, W]
+
+
+def feature_layout(shape: Sequence[int], map_layout: str = "nchw") -> str:
+    """The layout of a feature tensor of ``shape`` (batch first): rank 4 is a map laid out as
+    ``map_layout`` says, rank 3 a token sequence, rank 2 a vector."""
+    rank = len(shape)
+    if rank == 4:
+        return map_layout
+    if rank in (2, 3):
+        return {3: "tokens", 2: "vector"}[rank]
+    raise ValueError(f"cannot attach an exit to rank-{rank} features of shape {tuple(shape)}")
+
+
+def feature_width(shape: Sequence[int], layout: str) -> int:
+    """Channels (maps) or embedding width (tokens, vectors) of features of ``shape``."""
+    return int(shape[1] if layout == "nchw" else shape[-1])
+
+
+def default_exit_kind(layout: str) -> str:
+    """PTEENet's conv branch on conv maps, the transformer-style ``"mlp"`` branch elsewhere."""
+    return "conv" if layout == "nchw" else "mlp"
 
 
 class ExitOutput(NamedTuple):
@@ -41,12 +77,14 @@ class ExitSpec:
 
     Args:
         after: name of the backbone block the exit reads (e.g. ``"layer1.2"``).
-        kind: ``"conv"`` (PTEENet), ``"linear"`` (BranchyNet) or ``"sdn"`` (SDN).
-        depth: number of conv-BN-ReLU layers of a ``"conv"`` branch.
+        kind: ``"conv"`` (PTEENet, conv maps only), ``"linear"`` (BranchyNet), ``"sdn"`` (SDN, conv
+            maps only) or ``"mlp"`` (transformer-style).
+        depth: number of conv-BN-ReLU layers of a ``"conv"`` branch, linear-GELU layers of an ``"mlp"`` one.
         stride: stride of the branch's first conv; 2 (the default) quarters the head's FLOPs,
             which matters because a head's cost is paid by every sample that reaches it.
         cells: side of an ``"sdn"`` head's pooled map.
         hidden: width of an ``"sdn"`` head's hidden layer (0: none, the classifier reads the pooled map).
+        pool: ``"avg"`` (mean over positions or tokens) or ``"cls"`` (the first token; token sequences only).
     """
 
     after: str
@@ -55,6 +93,7 @@ class ExitSpec:
     stride: int = 2
     cells: int = 4
     hidden: int = 0
+    pool: str = "avg"
 
     def __post_init__(self) -> None:
         if self.kind not in EXIT_KINDS:
@@ -62,6 +101,8 @@ class ExitSpec:
         if self.depth < 0 or self.stride < 1 or self.cells < 1 or self.hidden < 0:
             raise ValueError(f"exit depth and hidden must be >= 0, stride and cells >= 1; got depth {self.depth}, "
                              f"stride {self.stride}, cells {self.cells}, hidden {self.hidden}")
+        if self.pool not in EXIT_POOLS:
+            raise ValueError(f"exit pool must be one of {EXIT_POOLS}, got {self.pool!r}")
 
 
 class PooledMaps(nn.Module):
@@ -89,22 +130,58 @@ class MixedPool(nn.Module):
         return (a * pooled[:, 1] + (1 - a) * pooled[:, 0]).flatten(1)
 
 
+class _Mean(nn.Module):
+    def __init__(self, dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(self.dims)
+
+
+class _FirstToken(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+def _pool(layout: str, pool: str) -> nn.Module:
+    """The weightless global pool of features in ``layout`` down to ``[B, width]``."""
+    if pool == "cls":
+        if layout != "tokens":
+            raise ValueError(f"pool 'cls' reads the first token of a token sequence; these features are {layout}")
+        return _FirstToken()
+    return {"nchw": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1)),
+            "nhwc": lambda: _Mean((1, 2)), "tokens": lambda: _Mean((1,)), "vector": nn.Identity}[layout]()
+
+
 class ExitBranch(nn.Module):
-    """An early exit: optional conv layers, pooling, classifier and confidence head.
+    """An early exit: ``reduce`` (weightless), optional conv layers, pooling, optional norm and MLP,
+    classifier and confidence head.
 
     Args:
-        in_channels: channels of the feature map at the attachment point.
+        in_channels: channels (conv maps) or width (tokens, vectors) of the features at the attachment.
         num_classes: number of classes.
-        kind: ``"conv"``, ``"linear"`` or ``"sdn"`` (see module docstring).
-        depth: conv-BN-ReLU layers for ``"conv"``; ignored otherwise.
+        kind: ``"conv"``, ``"linear"``, ``"sdn"`` or ``"mlp"`` (see module docstring).
+        depth: conv-BN-ReLU layers for ``"conv"``, linear-GELU layers for ``"mlp"``; ignored otherwise.
         stride: stride of the first conv layer.
         cells: side of the pooled map for ``"sdn"``.
         hidden: hidden width for ``"sdn"`` (0: none).
+        layout: the features' layout, one of :data:`FEATURE_LAYOUTS`.
+        pool: ``"avg"`` or ``"cls"`` (token sequences only).
+
+    Raises:
+        ValueError: a ``"conv"`` or ``"sdn"`` exit on features that are not conv maps, or ``"cls"``
+            pooling on anything but tokens.
     """
 
     def __init__(self, in_channels: int, num_classes: int, kind: str = "conv", depth: int = 1,
-                 stride: int = 2, cells: int = 4, hidden: int = 0) -> None:
+                 stride: int = 2, cells: int = 4, hidden: int = 0, layout: str = "nchw", pool: str = "avg") -> None:
         super().__init__()
+        if layout not in FEATURE_LAYOUTS:
+            raise ValueError(f"feature layout must be one of {FEATURE_LAYOUTS}, got {layout!r}")
+        if kind in _MAP_ONLY and layout != "nchw":
+            raise ValueError(f"a {kind!r} exit needs conv feature maps [B, C, H, W]; these features are {layout}: "
+                             f"use kind 'mlp' or 'linear'")
         layers: list[nn.Module] = []
         if kind == "conv":
             for i in range(depth):
@@ -116,12 +193,23 @@ class ExitBranch(nn.Module):
         if kind == "sdn":
             self.reduce: nn.Module = PooledMaps(cells)
             width = in_channels * cells * cells
-            self.pool = nn.Sequential(MixedPool(), nn.BatchNorm1d(width),
-                                      *((nn.Linear(width, hidden), nn.ReLU(inplace=True)) if hidden else ()))
+            self.pool: nn.Module = nn.Sequential(MixedPool(), nn.BatchNorm1d(width),
+                                                 *((nn.Linear(width, hidden), nn.ReLU(inplace=True)) if hidden else ()))
             width = hidden or width
-        else:
+        elif kind == "conv":
             self.reduce = nn.Identity()
-            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            self.pool = _pool(layout, pool)
+        else:  # "linear", "mlp": the global pool comes first and has no weights, so it is the reduce
+            self.reduce = _pool(layout, pool)
+            self.pool = nn.Identity()
+        # Conv maps keep PTEENet's head as it was (no norm); pooled tokens are normalised, as
+        # transformers' own heads do, and so is the input of an "mlp" exit.
+        self.norm = nn.LayerNorm(width) if layout != "nchw" or kind == "mlp" else nn.Identity()
+        mlp: list[nn.Module] = []
+        if kind == "mlp":
+            for _ in range(depth):
+                mlp += [nn.Linear(width, width), nn.GELU()]
+        self.mlp = nn.Sequential(*mlp)
         self.classifier = nn.Linear(width, num_classes)
         self.confidence = nn.Linear(width, 1)
 
@@ -130,7 +218,7 @@ class ExitBranch(nn.Module):
 
     def head(self, reduced: torch.Tensor) -> ExitOutput:
         """The exit's weighted part, on ``reduce(x)``."""
-        pooled = self.pool(self.features(reduced))
+        pooled = self.mlp(self.norm(self.pool(self.features(reduced))))
         return ExitOutput(self.classifier(pooled), torch.sigmoid(self.confidence(pooled)).squeeze(1))
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from .backbones import Backbone, build_backbone
 from .config import ModelConfig
-from .cost import CostTable, eval_mode, measure_cost
-from .exits import BackboneHeadExit, ExitBranch, ExitOutput
+from .cost import CostTable, measure_cost, probe_blocks
+from .exits import BackboneHeadExit, ExitBranch, ExitOutput, feature_layout, feature_width
 from .lcnet import apply_gates
 from .outputs import RoutedOutput, StepResult
 from .routing import Thresholds, exit_score, resolve_thresholds
@@ -86,10 +86,15 @@ class BranchedModel(nn.Module):
             raise ValueError("exits must attach after distinct blocks, in backbone order, before the last block")
         bounds = [0, *cuts, len(names)]
         self.segments = nn.ModuleList(Segment(backbone.blocks[a:b]) for a, b in zip(bounds, bounds[1:]))
-        widths = self._attachment_widths(backbone, cuts)
+        probe = probe_blocks(backbone, config.input_size)
+        shapes = [probe[b - 1][0] for b in bounds[1:]]
+        self.map_layout = backbone.layout
+        #: layout of each segment's output (the input of exit k): "nchw", "nhwc", "tokens" or "vector"
+        self.feature_layouts = [feature_layout(s, backbone.layout) for s in shapes]
         self.exits = nn.ModuleList(
-            [ExitBranch(w, config.num_classes, spec.kind, spec.depth, spec.stride, spec.cells, spec.hidden)
-             for w, spec in zip(widths, config.exits)]
+            [ExitBranch(feature_width(s, lay), config.num_classes, spec.kind, spec.depth, spec.stride, spec.cells,
+                        spec.hidden, lay, spec.pool)
+             for s, lay, spec in zip(shapes, self.feature_layouts, config.exits)]
             + [BackboneHeadExit(backbone.head)])
         self.backbone_frozen = False
         self.memory_format = torch.contiguous_format
@@ -112,18 +117,6 @@ class BranchedModel(nn.Module):
             backbone = apply_gates(backbone, config.dynamic)
         return cls(config, backbone)
 
-    def _attachment_widths(self, backbone: Backbone, cuts: list[int]) -> list[int]:
-        widths: list[int] = []
-        if not cuts:
-            return widths
-        x = torch.zeros(1, 3, self.config.input_size, self.config.input_size)
-        blocks = [b for _, b in backbone.blocks]
-        with eval_mode(blocks), torch.no_grad():
-            for i, block in enumerate(blocks[: cuts[-1]]):
-                x = block(x)
-                if i + 1 in cuts:
-                    widths.append(x.shape[1])
-        return widths
 
     def optimize_for_inference(self, channels_last: bool = True) -> "BranchedModel":
         """Fold BatchNorm into the preceding convs and (optionally) switch to channels-last, in place.
@@ -131,8 +124,11 @@ class BranchedModel(nn.Module):
         Serving only: both the plain backbone path and the routed path use the folded modules,
         so comparisons stay like for like. Element-wise layers are memory-bound and uncounted by
         the FLOP counter; folding them away brings wall time closer to the FLOPs that routing
-        saves. Blocks that cannot be traced or have no conv->BN pair (DenseNet's pre-activation
-        layers) are kept as they are. Do not train or save a model after this call.
+        saves. Only blocks that hold a BatchNorm are traced; those that cannot be traced or have no
+        conv->BN pair (DenseNet's pre-activation layers) are kept as they are. Channels-last applies
+        only when every segment passes conv maps on (``feature_layouts`` all ``"nchw"``): token
+        sequences have no such format and Swin's maps are channels-last already. Do not train or
+        save a model after this call.
         """
         from torch.fx.experimental.optimization import fuse
 
@@ -143,14 +139,16 @@ class BranchedModel(nn.Module):
                     if hasattr(block, "optimize_for_inference"):
                         block.optimize_for_inference()  # gated blocks fold their own BN
                     continue  # gated blocks decide per input; keep their own forward
+                if not _has_batchnorm(block):
+                    continue  # nothing to fold (transformer blocks, LayerNorm nets): keep the block as it is
                 try:
                     seg.blocks[i] = fuse(block)
                 except Exception:  # noqa: BLE001 - untraceable block: keep it unfused
                     pass
         for ex in self.exits[:-1]:
-            if isinstance(ex, ExitBranch) and len(ex.features):  # a dropped stage's exit is an Identity
+            if isinstance(ex, ExitBranch) and _has_batchnorm(ex.features):  # a dropped stage's exit is an Identity
                 ex.features = fuse(ex.features)
-        if channels_last:
+        if channels_last and all(lay == "nchw" for lay in self.feature_layouts):
             self.memory_format = torch.channels_last
             self.to(memory_format=torch.channels_last)
         return self
@@ -356,10 +354,14 @@ class BranchedModel(nn.Module):
                   for seg in self.segments for name, block in zip(seg.names, seg.blocks)]
         holder = nn.ModuleList(b for _, b in blocks)
         backbone = Backbone(config.backbone, blocks, self.exits[-1].head, config.num_classes,
-                            config.input_size, holder)
+                            config.input_size, holder, self.map_layout)
         model = BranchedModel(config, backbone)
         for i, k in enumerate(keep):
             model.exits[i] = self.exits[k]  # the trained exit itself, not a fresh one
         model.backbone_frozen = self.backbone_frozen
         model.memory_format = self.memory_format
         return model
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())

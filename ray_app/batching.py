@@ -23,7 +23,7 @@ class Samples:
     """Samples in flight between deployments, stacked (one tensor each: cheap to send between processes).
 
     Attributes:
-        features: the stage's input, ``[n, C, H, W]`` (the images for stage 0).
+        features: the stage's input, ``[n, C, H, W]`` maps or ``[n, N, D]`` tokens (the images for stage 0).
         thresholds: each sample's side-exit thresholds, ``[n, K-1]``.
         flops: FLOPs spent on each sample so far, ``[n]`` float64; None before stage 0.
     """

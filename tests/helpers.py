@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+from typing import Optional
 
 import numpy as np
 import requests
@@ -34,7 +35,7 @@ __all__ = ["make_model", "between", "median_thresholds", "save_mnist_model", "sa
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def make_model(name: str, size: int, n_exits: int = 2, kind: str = "conv") -> BranchedModel:
+def make_model(name: str, size: int, n_exits: int = 2, kind: Optional[str] = None) -> BranchedModel:
     """A branched model on an untrained backbone with random BN statistics (so BN is not the identity).
 
     The torchvision model the blocks were cut from stays reachable as ``model.source``.

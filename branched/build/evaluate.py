@@ -1,16 +1,17 @@
 """Accuracy, exit rates and cost of a branched model on labelled tensors, and the wall-clock bench."""
 from __future__ import annotations
 
+import math
 import time
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..model import BranchedModel
 from ..outputs import RoutedOutput
-from ..routing import Thresholds, resolve_thresholds
+from ..routing import Thresholds, exit_score, resolve_thresholds
 
-__all__ = ["predict", "evaluate", "bench"]
+__all__ = ["predict", "evaluate", "bench", "percentile_thresholds"]
 
 
 @torch.no_grad()
@@ -45,6 +46,39 @@ def evaluate(model: BranchedModel, x: torch.Tensor, y: torch.Tensor, thresholds:
         "thresholds": [float(t) for t in thr.tolist()],
         "policy": policy or model.config.policy,
     }
+
+
+@torch.inference_mode()
+def percentile_thresholds(model: BranchedModel, x: torch.Tensor, spec: Sequence[Union[float, str]],
+                          policy: Optional[str] = None) -> list[float]:
+    """Thresholds that give a chosen exit mix on ``x``: ``"qP"`` at exit ``k`` is the ``P``-th percentile
+    of the scores of the samples that reach exit ``k``, so ``100 - P`` % of them leave there
+    (``"q20"`` at exit 0: 80% of ``x`` leaves at exit 0). Numbers pass through unchanged.
+
+    A percentile threshold lies halfway between two neighbouring scores, so float noise between
+    batch shapes cannot move a sample across it. (:func:`branched.build.random_model.quantile_thresholds`
+    fixes shares of *all* samples from precomputed scores; this one runs the model, exit by exit.)
+    """
+    if len(spec) != model.num_exits - 1:
+        raise ValueError(f"need {model.num_exits - 1} thresholds (one per early exit), got {len(spec)}")
+    policy = policy or model.config.policy
+    out: list[float] = []
+    h = x.contiguous(memory_format=model.memory_format)
+    for k, item in enumerate(spec):
+        if not any(isinstance(s, str) for s in spec[k:]):  # numbers from here on: nothing to measure
+            out += [float(s) for s in spec[k:]]
+            break
+        h = model.segments[k](h)
+        scores = exit_score(model.exits[k](h), policy).float()
+        if isinstance(item, str):
+            ranked, n = scores.sort().values, len(scores)
+            i = round(float(item[1:]) / 100 * n)
+            t = 0.0 if i <= 0 else math.inf if i >= n else float((ranked[i - 1] + ranked[i]) / 2)
+        else:
+            t = float(item)
+        out.append(t)
+        h = h[scores < t]
+    return out
 
 
 @torch.inference_mode()

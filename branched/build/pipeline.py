@@ -26,12 +26,11 @@ from ..artifact import save_model
 from ..backbones import build_backbone
 from ..config import ModelConfig
 from ..errors import UsageError
-from ..exits import ExitSpec
 from ..model import BranchedModel
 from ..preprocess import Preprocessor
 from . import steps
 from .datasets import load_splits
-from .placement import place_exits
+from .placement import exit_specs, place_exits
 from .settings import LR_SCALE, RECIPES, BuildSettings, Recipe
 from .tradeoff import plot_tradeoff, write_tradeoff_csv
 from .train import FitSettings
@@ -118,15 +117,14 @@ def run_build(settings: BuildSettings) -> dict:
 
     # ---- exits (and optional LC-Net gates), on the frozen backbone; calibration; the test split
     t0 = time.perf_counter()
+    shape = dict(kind=s.exit_kind, depth=s.exit_depth, stride=s.exit_stride, cells=s.exit_cells,
+                 hidden=s.exit_hidden, pool=s.exit_pool)
     if s.exits.strip() == "all":  # one exit after every block but the last; calibration keeps the ones that pay
-        specs = [ExitSpec(n, s.exit_kind, s.exit_depth, s.exit_stride, s.exit_cells, s.exit_hidden)
-                 for n in backbone.block_names[:-1]]
+        specs = exit_specs(backbone, size, backbone.block_names[:-1], **shape)
     elif s.exits.strip().isdigit():
-        specs = place_exits(backbone, size, int(s.exits), s.spacing, s.exit_kind, s.exit_depth,
-                            s.exit_stride, s.exit_cells, s.exit_hidden)
+        specs = place_exits(backbone, size, int(s.exits), s.spacing, **shape)
     else:
-        specs = [ExitSpec(n.strip(), s.exit_kind, s.exit_depth, s.exit_stride, s.exit_cells, s.exit_hidden)
-                 for n in s.exits.split(",") if n.strip()]
+        specs = exit_specs(backbone, size, [n.strip() for n in s.exits.split(",") if n.strip()], **shape)
     meta = {"dataset": s.dataset, "split_seed": s.split_seed, "calib_fraction": s.calib_fraction,
             "limits": {"train": s.limit_train, "calib": s.limit_calib, "test": s.limit_test}}
     if s.data_root:
@@ -167,7 +165,7 @@ def run_build(settings: BuildSettings) -> dict:
     model.config.meta["build"] = {"seed": s.seed, "torch": torch.__version__, "device": s.device,
                                   "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     report = {"backbone": s.backbone, "dataset": s.dataset, "num_classes": num_classes,
-              "input_size": size, "exit_kind": s.exit_kind,
+              "input_size": size, "exit_kind": s.exit_kind or "/".join(sorted({e.kind for e in specs})),
               "exits": [{"after": e.after, "kind": e.kind} for e in model.config.exits],
               "dropped_exits": report_cal.get("dropped_exits", []),
               "cost_fractions": model.cost.exit_cost_fractions(),

@@ -69,11 +69,12 @@ class BuildSettings:
     # exits
     exits: Optional[str] = None
     spacing: str = "even"
-    exit_kind: str = "conv"
+    exit_kind: Optional[str] = None  # None: conv on conv maps, mlp on tokens and channels-last maps
     exit_depth: int = 2
     exit_stride: int = 2
     exit_cells: int = 4
     exit_hidden: int = 0
+    exit_pool: str = "avg"
     policy: str = "auto"
     # training (None: the dataset's recipe)
     epochs: Optional[int] = None
