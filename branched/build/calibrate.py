@@ -326,6 +326,7 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         guarantee["statement"] = (f"with probability >= {1 - delta:g}, the accuracy drop against the backbone on new "
                                   f"data from the same distribution is <= {bound:.4f}")
     chosen_point = calib_points[chosen]
+    off_here = [k for k, t in enumerate(chosen_point["thresholds"]) if math.isinf(t)]
     report = {
         "budget": budget, "budget_met": met, "status": status, "message": message,
         "policy": None, "samples": len(records), "select": select,
@@ -333,7 +334,9 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         "accuracy": chosen_point["accuracy"], "backbone_accuracy": chosen_point["backbone_accuracy"],
         "drop": chosen_point["drop"], "risk": chosen_point["risk"], "exit_rates": chosen_point["exit_rates"],
         "guarantee": guarantee,
-        "curve": _pareto_curve(calib_points, curve_points),
+        # Only points the shipped model can serve: the build leaves out the exits that are off here.
+        "curve": _pareto_curve([p for p in calib_points if all(math.isinf(p["thresholds"][k]) for k in off_here)],
+                               curve_points),
     }
     return Calibration(chosen_point["thresholds"], report, path, calib_points, certify_points, p_values,
                        certified, chosen)
