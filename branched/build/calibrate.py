@@ -65,12 +65,12 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
     """A greedy path of threshold vectors from all-off (the backbone) towards the cheapest point.
 
     Each step moves one exit: an exit that is on lowers its threshold by one grid level; an exit that
-    is off switches on at the highest level at which it saves cost (its head then costs every sample
-    that passes it, so the first level alone rarely pays). Switching on at the first paying level, not
-    at any level, keeps the steps small: the fixed-sequence test stops at the first point it cannot
-    certify, so one big jump early on would certify nothing. The step taken adds the least
-    disagreement per unit of cost saved (free moves first; ties go to the larger saving). Cost never
-    rises along the path, and an exit whose head never pays for itself stays off.
+    is off may switch on at any level, because its head then costs every sample that passes it and
+    the first level alone rarely pays for that. Moves that save nothing come first, then moves that add
+    no disagreement on the path part, the smallest saving first (a big jump that looks free here may
+    fail the certify part's test, and the fixed-sequence test stops at the first failure), then the
+    move that adds the least disagreement per unit of cost saved. Switching an exit on must save cost,
+    so cost never rises along the path, and an exit whose head never pays for itself stays off.
     """
     k1 = records.scores.shape[1]
     if k1 == 0:
@@ -99,11 +99,18 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
                 r, c = measure(lv)
                 saved, added = cost - c, r - risk
                 if level[k] == 0 and saved <= 1e-12:
-                    continue  # switching an exit on must pay for its head: try a lower threshold
-                key = (0, 0.0, -saved) if saved <= 1e-12 else (1, added / saved, -saved)
+                    continue  # switching an exit on must pay for its head
+                # Free moves (no saving) first; then moves that add no disagreement, the smallest first (one
+                # big jump that looks free on the path part can fail the certify part's test and, the tests
+                # being a fixed sequence, end the certified path there); then by disagreement per cost saved.
+                if saved <= 1e-12:
+                    key = (0, 0.0, 0.0)
+                elif added <= 0:
+                    key = (1, 0.0, saved)
+                else:
+                    key = (2, added / saved, -saved)
                 if best is None or key < best[0]:
                     best = (key, lv, r, c)
-                break  # an exit switches on at the first level that pays; later steps lower it one level at a time
         if best is None:
             return path
         _, level, risk, cost = best
