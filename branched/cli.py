@@ -214,6 +214,10 @@ def _build_command(sub) -> None:
                    help="ltt: with probability >= 1 - delta the drop is <= --max-drop (Learn-then-Test); crc: the "
                         "expected drop is <= --max-drop (conformal risk control: closer to the empirical point, an "
                         "average, not a high-probability bound)")
+    g.add_argument("--loss", default="harm", choices=["harm", "net"],
+                   help="what Learn-then-Test certifies: harm (answers the backbone gets right that the routed model "
+                        "gets wrong; bounds the drop from above) or net (the accuracy drop itself: harm minus the "
+                        "backbone's errors the exits fix; certifies cheaper points)")
     g.add_argument("--keep-off-exits", action="store_true",
                    help="keep exits that calibration switches off (they cost nothing at run time; per-request "
                         "thresholds can switch them on) instead of leaving them out of the model")

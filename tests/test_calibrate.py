@@ -205,3 +205,48 @@ def test_samples_needed_is_where_the_test_starts_to_pass():
     assert p_value(int(0.005 * (n // 2)), n // 2, 0.01) > 0.1
     assert samples_needed(0.012, 0.01, 0.1) is None  # above the budget: no amount of data certifies it
     assert samples_needed(0.008, 0.01, 0.1) > n  # closer to the budget needs more
+
+def test_net_drop_bound_is_two_clopper_pearson_bounds_and_its_p_value_matches_it():
+    from branched.build.guarantee import binomial_lower_bound, net_drop_p_value, net_drop_upper_bound
+    n, harms, helps = 2800, 41, 32
+    assert binomial_lower_bound(helps, n, 0.05) == pytest.approx(1 - binomial_upper_bound(n - helps, n, 0.05), abs=1e-9)
+    bound = net_drop_upper_bound(harms, helps, n, 0.1)
+    assert bound == pytest.approx(binomial_upper_bound(harms, n, 0.05) - binomial_lower_bound(helps, n, 0.05), abs=1e-9)
+    assert harms / n - helps / n < bound < binomial_upper_bound(harms, n, 0.1)  # tighter than harm alone here
+    for eps in (0.008, 0.0106, 0.012):  # p <= delta exactly when the bound at delta is within epsilon
+        assert (net_drop_p_value(harms, helps, n, eps) <= 0.1) == (bound <= eps)
+    assert net_drop_p_value(60, 20, n, 0.01) == 1.0
+
+
+def test_net_drop_test_keeps_its_level_at_the_null_boundary():
+    """Drop exactly epsilon (harm 3%, help 2%): the level-delta test rejects at most delta of the time."""
+    from branched.build.guarantee import net_drop_upper_bound
+    rng = np.random.default_rng(7)
+    n, eps, delta, trials = 1500, 0.01, 0.2, 400
+    counts = rng.multinomial(n, [0.03, 0.02, 0.95], size=trials)
+    rejections = sum(net_drop_upper_bound(int(h), int(g), n, delta) <= eps for h, g, _ in counts)
+    assert rejections <= trials * delta  # the union bound is conservative: well under delta in practice
+
+
+def test_net_loss_certifies_the_drop_and_a_cheaper_point_when_exits_fix_backbone_errors():
+    rec = synthetic(4000, 5)
+    harm = calibrate(rec, max_drop=0.02, delta=0.1)
+    net = calibrate(rec, max_drop=0.02, delta=0.1, loss="net")
+    g = net.report["guarantee"]
+    assert g["loss_name"] == "net" and "Clopper-Pearson" in g["loss"] and g["p_value"] == "clopper_pearson_pair"
+    assert net.report["cost_fraction"] < harm.report["cost_fraction"]
+    assert net.report["drop"] < net.report["risk"]  # the exits fix some of the backbone's errors
+    population = synthetic(200_000, 98)
+    assert population.point(net.thresholds)["drop"] <= 0.02  # the promise is about the drop, and it holds
+    with pytest.raises(ValueError, match="Learn-then-Test"):
+        calibrate(rec, max_drop=0.02, loss="net", guarantee="crc")
+    with pytest.raises(ValueError, match="loss must be"):
+        calibrate(rec, max_drop=0.02, loss="mean")
+    spent = calibrate(rec, max_cost=0.5, loss="net")  # a compute budget states a bound on the drop itself
+    assert 0 <= spent.report["guarantee"]["drop_bound"] < 1
+
+
+def test_samples_needed_for_the_net_drop():
+    n = samples_needed(0.012, 0.01, 0.1, help_rate=0.008)  # drop 0.4 pt: certifiable with enough data
+    assert n is not None and n > samples_needed(0.004, 0.01, 0.1)  # harm 0.4 pt alone is easier: no help noise
+    assert samples_needed(0.03, 0.01, 0.1, help_rate=0.015) is None  # drop 1.5 pt: never

@@ -384,9 +384,12 @@ def test_torchserve_burst_moves_to_a_cheaper_point_and_back(ts_server):
     with ThreadPoolExecutor(24) as pool:
         list(pool.map(client, range(24)))
     own = [e for _, o, e in answers if o]
-    default = [e for _, o, e in answers if not o]
     assert own and set(own) == {2}, "a request's own thresholds must win over the controller"
-    assert min(default) < 2 and sum(e < 2 for e in default) > len(default) / 2, default
+    # How soon the controller reacts depends on the machine, so look at the second half of the burst only:
+    # by then the load estimate (window_s 2) has long seen the queue, and most default answers leave early.
+    half = stop - 6.0
+    late = [e for t, o, e in answers if not o and t >= half]
+    assert late and sum(e < 2 for e in late) > len(late) / 2, late
 
     def moved():
         m = metrics(ts_server.metrics_url)

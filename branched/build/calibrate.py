@@ -8,7 +8,9 @@ The loss the guarantee controls is the **disagreement loss**
 ``L = 1[routed prediction wrong and backbone prediction right]``. Its mean ``R`` bounds the
 accuracy drop from above: ``acc(backbone) - acc(routed) = R - P(routed right, backbone wrong) <= R``.
 ``L`` is Bernoulli, so the exact binomial tail gives valid p-values (Hoeffding-Bentkus is the
-option for other bounded losses).
+option for other bounded losses). ``loss="net"`` certifies the drop itself, ``R - P(routed right,
+backbone wrong)``: on natural images the exits fix about as many backbone errors as they make, so
+the drop sits well below ``R`` and a bound on ``R`` wastes most of the budget.
 
 Procedure (Learn-then-Test, Angelopoulos et al. 2021):
 
@@ -32,7 +34,8 @@ from typing import Optional
 
 import numpy as np
 
-from .guarantee import FAMILIES, binomial_upper_bound, crc_last_valid, ltt_certify, p_value, samples_needed
+from .guarantee import (FAMILIES, LOSSES, binomial_upper_bound, crc_last_valid, ltt_certify, net_drop_p_value,
+                        net_drop_upper_bound, p_value, samples_needed)
 from .records import ExitRecords
 
 __all__ = ["split_calibration", "choose_policy", "Calibration", "threshold_path", "calibrate", "GUARANTEES"]
@@ -181,9 +184,10 @@ class Calibration:
 
 
 def _what_would_certify(points: list[dict], cost: list[float], eps: float, delta: float, p_value_method: str,
-                        path_fraction: float, kind: str) -> str:
+                        path_fraction: float, kind: str, loss: str = "harm") -> str:
     """What the requested budget would need: the empirical point, and the calibration size that would certify it."""
-    within = [j for j in range(1, len(points)) if points[j]["risk"] < eps]
+    key = "drop" if loss == "net" else "risk"
+    within = [j for j in range(1, len(points)) if points[j][key] < eps]
     if not within:
         return "No early-exit point stays within the budget even on the calibration data: better exits are needed."
     j = min(within, key=lambda i: cost[i])
@@ -192,7 +196,8 @@ def _what_would_certify(points: list[dict], cost: list[float], eps: float, delta
             f"(drop {p['drop']:+.4f}, risk {p['risk']:.4f}).")
     if kind == "crc":
         return head + " Conformal risk control needs about 1 / (epsilon - risk) certify samples: calibrate on more data."
-    n = samples_needed(p["risk"], eps, delta, p_value_method)
+    helps = p["risk"] - p["drop"] if loss == "net" else None
+    n = samples_needed(p["risk"], eps, delta, p_value_method, help_rate=helps)
     if n is None:
         return head + " No calibration size would certify it at this delta."
     return head + (f" Certifying it at delta {delta:g} needs about {n} certify samples "
@@ -215,7 +220,7 @@ def _pareto_curve(points: list[dict], limit: int) -> list[dict]:
 def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: Optional[float] = None,
               delta: float = 0.1, family: str = "fixed_sequence", p_value_method: str = "binomial",
               select: str = "ltt", path_fraction: float = 0.3, levels: int = 50, seed: int = 0,
-              curve_points: int = 64, guarantee: str = "ltt") -> Calibration:
+              curve_points: int = 64, guarantee: str = "ltt", loss: str = "harm") -> Calibration:
     """Choose thresholds on calibration records for an accuracy budget or a compute budget.
 
     Args:
@@ -234,6 +239,8 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         curve_points: most points kept in the stored trade-off curve.
         guarantee: ``"ltt"`` (high probability, ``delta``) or ``"crc"`` (expected drop; ``max_drop``
             only). See :data:`GUARANTEES`.
+        loss: what Learn-then-Test certifies: ``"harm"`` (right answers turned wrong, an upper bound on the
+            drop) or ``"net"`` (the drop itself). See :data:`~branched.build.guarantee.LOSSES`.
 
     Raises:
         ValueError: both budgets, out-of-range settings, or too few records.
@@ -254,6 +261,11 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if guarantee not in GUARANTEES:
         raise ValueError(f"guarantee must be one of {', '.join(GUARANTEES)}, got {guarantee!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if loss == "net" and guarantee == "crc":
+        raise ValueError("--loss net is certified by Learn-then-Test; conformal risk control needs a loss in [0, 1] "
+                         "(use --loss harm with --guarantee crc)")
     if guarantee == "crc" and (max_cost is not None or select != "ltt"):
         raise ValueError("--guarantee crc certifies an accuracy budget (--max-drop) and picks the point itself; "
                          "drop --max-cost / --select empirical")
@@ -266,9 +278,17 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
     n_cert, m = len(certify), max(len(path) - (1 if records.last_exit_is_backbone else 0), 1)
     cost = [p["cost_fraction"] for p in calib_points]
     kind = guarantee
-    guarantee = {"method": "Learn-then-Test", "kind": kind, "loss": "1[routed wrong and backbone right] (its mean "
-                 "bounds the accuracy drop)", "p_value": p_value_method, "delta": delta, "certify_samples": n_cert,
-                 "path_samples": n_path, "tested_points": len(path) - 1}
+    loss_text = ("1[routed wrong and backbone right] - 1[routed right and backbone wrong] (its mean is the accuracy "
+                 "drop; two Clopper-Pearson bounds at delta / 2)" if loss == "net" else
+                 "1[routed wrong and backbone right] (its mean bounds the accuracy drop)")
+    guarantee = {"method": "Learn-then-Test", "kind": kind, "loss": loss_text, "loss_name": loss,
+                 "p_value": "clopper_pearson_pair" if loss == "net" else p_value_method, "delta": delta,
+                 "certify_samples": n_cert, "path_samples": n_path, "tested_points": len(path) - 1}
+
+    def upper_bound(point: dict, level: float) -> float:
+        if loss == "net":
+            return max(0.0, net_drop_upper_bound(point["errors"], point["helps"], n_cert, level))
+        return binomial_upper_bound(point["errors"], n_cert, level)
 
     if max_drop is not None:
         eps = max_drop
@@ -280,7 +300,8 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             certified = [j <= last for j in range(len(path))]
             guarantee_info = {"method": "conformal risk control"}
         else:
-            p_values = [None] * first + [p_value(p["errors"], n_cert, eps, p_value_method)
+            p_values = [None] * first + [net_drop_p_value(p["errors"], p["helps"], n_cert, eps) if loss == "net"
+                                         else p_value(p["errors"], n_cert, eps, p_value_method)
                                          for p in certify_points[first:]]
             certified = [True] * first + ltt_certify(p_values[first:], delta, family)
             guarantee_info = {"family": family}
@@ -289,7 +310,7 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         else:
             candidates = [j for j in range(len(path)) if calib_points[j]["drop"] <= eps] or [0]
         chosen = min(candidates, key=lambda j: (cost[j], -calib_points[j]["accuracy"]))
-        bound = eps if select == "ltt" else binomial_upper_bound(certify_points[chosen]["errors"], n_cert, delta / m)
+        bound = eps if select == "ltt" else upper_bound(certify_points[chosen], delta / m)
         if kind == "crc":
             guarantee_info["adjusted_risk"] = adjusted[chosen]
         guarantee.update(**guarantee_info, epsilon=eps, certified_points=int(sum(certified[1:])))
@@ -304,7 +325,7 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             message = (f"no early-exit point could be certified at drop <= {eps:g} "
                        f"{'in expectation' if kind == 'crc' else f'with confidence {1 - delta:g}'} on {n_cert} "
                        f"samples: every exit is off (the backbone's accuracy, no saving). "
-                       + _what_would_certify(calib_points, cost, eps, delta, p_value_method, path_fraction, kind))
+                       + _what_would_certify(calib_points, cost, eps, delta, p_value_method, path_fraction, kind, loss))
         else:
             status, met = "met", True
             message = f"cheapest {'certified' if select == 'ltt' else 'empirical'} point within drop {eps:g}"
@@ -321,7 +342,7 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             status, met = "unreachable", False
             message = (f"budget unreachable: no operating point costs <= {max_cost:g} on the calibration split; "
                        f"the cheapest (chosen) costs {cost[chosen]:.3f}")
-        bound = 0.0 if chosen == 0 and records.last_exit_is_backbone else binomial_upper_bound(certify_points[chosen]["errors"], n_cert, delta / m)
+        bound = 0.0 if chosen == 0 and records.last_exit_is_backbone else upper_bound(certify_points[chosen], delta / m)
         guarantee.update(family="bonferroni_simultaneous_bound")
 
     guarantee["drop_bound"] = bound

@@ -14,6 +14,7 @@ far closer to the empirical point, but it promises an average, not a high-probab
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -21,11 +22,16 @@ import numpy as np
 
 from ..binomial import binomial_cdf, binomial_upper_bound  # the core's, shared with the load controller
 
-__all__ = ["FAMILIES", "P_VALUES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound",
-           "samples_needed", "crc_last_valid"]
+__all__ = ["FAMILIES", "P_VALUES", "LOSSES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound",
+           "binomial_lower_bound", "net_drop_upper_bound", "net_drop_p_value", "samples_needed", "crc_last_valid"]
 
 FAMILIES = ("fixed_sequence", "bonferroni")
 P_VALUES = ("binomial", "hoeffding_bentkus")
+#: What Learn-then-Test certifies. ``harm``: the share of samples the backbone gets right and the routed model
+#: gets wrong (a Bernoulli loss; it bounds the drop from above, and also promises that few right answers turn
+#: wrong). ``net``: the accuracy drop itself, harm minus the share the exits get right where the backbone is
+#: wrong, bounded by two Clopper-Pearson bounds at ``delta / 2`` each (the drop the user asked about).
+LOSSES = ("harm", "net")
 
 
 def _kl_bernoulli(a: float, b: float) -> float:
@@ -56,6 +62,78 @@ def p_value(errors: int, n: int, epsilon: float, method: str = "binomial") -> fl
     raise ValueError(f"p-value method must be one of {', '.join(P_VALUES)}, got {method!r}")
 
 
+@functools.lru_cache(maxsize=4096)
+def _log_binomial_coefficients(k: int, n: int) -> np.ndarray:
+    return math.lgamma(n + 1) - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1) for v in range(k + 1)])
+
+
+def _cdf(k: int, n: int, p: float) -> float:
+    """``P(Bin(n, p) <= k)`` (numpy, for the many evaluations of a bound's bisection)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = np.arange(k + 1, dtype=np.float64)
+    logs = _log_binomial_coefficients(k, n) + i * math.log(p) + (n - i) * math.log1p(-p)
+    top = logs.max()
+    return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
+
+
+def _clopper_pearson(k: int, n: int, delta: float, upper: bool) -> float:
+    if upper:  # the p with P(X <= k) = delta
+        if k >= n:
+            return 1.0
+        lo, hi, keep = k / n, 1.0, lambda p: _cdf(k, n, p) > delta
+    else:  # the p with P(X >= k) = delta
+        if k <= 0:
+            return 0.0
+        lo, hi, keep = 0.0, k / n, lambda p: 1.0 - _cdf(k - 1, n, p) < delta
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if keep(mid) else (lo, mid)
+    return hi if upper else lo
+
+
+def binomial_lower_bound(successes: int, n: int, delta: float) -> float:
+    """One-sided ``1 - delta`` Clopper-Pearson lower bound on a Bernoulli mean."""
+    return 0.0 if n == 0 else _clopper_pearson(successes, n, delta, upper=False)
+
+
+def net_drop_upper_bound(harms: int, helps: int, n: int, delta: float) -> float:
+    """``1 - delta`` upper bound on the accuracy drop ``P(harm) - P(help)``.
+
+    Args:
+        harms: samples the backbone gets right and the routed model wrong.
+        helps: samples the routed model gets right and the backbone wrong.
+        n: samples.
+        delta: the bound fails with probability <= delta: an upper bound on ``P(harm)`` and a lower bound on
+            ``P(help)``, each at ``delta / 2`` (a union bound, valid whatever the two rates are).
+    """
+    if n == 0:
+        return 1.0
+    return _clopper_pearson(harms, n, delta / 2, upper=True) - binomial_lower_bound(helps, n, delta / 2)
+
+
+def net_drop_p_value(harms: int, helps: int, n: int, epsilon: float, tolerance: float = 1e-4) -> float:
+    """p-value of ``H: P(harm) - P(help) > epsilon``: the smallest ``alpha`` at which
+    :func:`net_drop_upper_bound` at ``alpha`` is ``<= epsilon``.
+
+    The rejection regions grow with ``alpha`` (a larger ``alpha`` gives tighter bounds), so
+    ``P(p <= alpha) <= alpha`` under ``H``. Found by bisection on ``log(alpha)``, rounded up (conservative).
+    """
+    if n == 0 or net_drop_upper_bound(harms, helps, n, 1.0 - 1e-12) > epsilon:
+        return 1.0
+    lo, hi = math.log(1e-12), 0.0  # log(alpha): rejects at hi, maybe not at lo
+    if net_drop_upper_bound(harms, helps, n, 1e-12) <= epsilon:
+        return 1e-12
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if net_drop_upper_bound(harms, helps, n, math.exp(mid)) <= epsilon else (mid, hi)
+    return min(1.0, math.exp(hi))
+
+
 def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_sequence") -> list[bool]:
     """Which hypotheses Learn-then-Test rejects at family-wise error ``delta``.
 
@@ -78,15 +156,19 @@ def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_se
 
 
 def samples_needed(risk: float, epsilon: float, delta: float, method: str = "binomial",
-                   limit: int = 10_000_000) -> Optional[int]:
+                   limit: int = 10_000_000, help_rate: Optional[float] = None) -> Optional[int]:
     """The fewest test samples at which an observed ``risk`` would be certified ``<= epsilon`` at ``delta``.
 
-    Returns None when no number of samples would do (``risk >= epsilon``) or more than ``limit`` are needed.
+    With ``help_rate`` the loss is ``net`` (:data:`LOSSES`): ``risk`` is the harm rate and the drop
+    ``risk - help_rate`` is what is certified. Returns None when no number of samples would do (the risk, or
+    the drop, is ``>= epsilon``) or more than ``limit`` are needed.
     """
-    if risk >= epsilon:
+    if (risk if help_rate is None else risk - help_rate) >= epsilon:
         return None
 
     def passes(n: int) -> bool:
+        if help_rate is not None:
+            return net_drop_p_value(int(math.ceil(risk * n)), int(math.floor(help_rate * n)), n, epsilon) <= delta
         return p_value(int(math.floor(risk * n)), n, epsilon, method) <= delta
 
     hi = 16

@@ -97,6 +97,7 @@ class ExitRecords:
             "drop": float(backbone.mean() - correct.mean()) if len(self) else 0.0,
             "risk": float((~correct & backbone).sum() / n),
             "errors": int((~correct & backbone).sum()),
+            "helps": int((correct & ~backbone).sum()),
             "exit_rates": (np.bincount(exits, minlength=self.num_exits) / n).tolist(),
         }
 

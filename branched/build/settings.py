@@ -98,6 +98,7 @@ class BuildSettings:
     p_value: str = "binomial"
     select: str = "ltt"
     guarantee: str = "ltt"
+    loss: str = "harm"
     path_fraction: float = 0.3
     keep_off_exits: bool = False
     # LC-Net gates

@@ -127,7 +127,7 @@ def exits_and_calibration(model: BranchedModel, s: BuildSettings, fit: FitSettin
     policy, policy_scores = choose_policy(by_policy, s.max_drop, s.max_cost, s.path_fraction, s.seed)
     cal = calibrate(by_policy[policy], max_drop=s.max_drop, max_cost=s.max_cost, delta=s.delta,
                     family=s.family, p_value_method=s.p_value, select=s.select,
-                    path_fraction=s.path_fraction, seed=s.seed, guarantee=s.guarantee)
+                    path_fraction=s.path_fraction, seed=s.seed, guarantee=s.guarantee, loss=s.loss)
     model.config.policy = policy
     model.config.thresholds = list(cal.thresholds)
     test_records = collect_records(model, *tensors["test"], policy=policy)
