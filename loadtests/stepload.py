@@ -244,7 +244,9 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
         "ladder": [{"index": p.index, "cost_fraction": p.cost_fraction, "expected_drop": p.drop,
                     "pool_accuracy": a} for p, a in zip(ladder, point_accuracy)],
         "pool_backbone_accuracy": backbone_accuracy, "settle_s": settle_s,
-        "arms": arms, "verdicts": verdicts(arms, settings.slo_p95_ms, floor_accuracy),
+        "arms": arms, "verdicts": verdicts(arms, settings.slo_p95_ms, floor_accuracy,
+                                           capacity["floor"] / capacity["calibrated"] if capacity["calibrated"]
+                                           else None),
         "series": {arm: series(logs[arm][0], logs[arm][1], logs[arm][1] + settings.step_s * len(steps))
                    for arm in ARMS},
         "points": {arm: [(t - logs[arm][1], i, c, d) for t, i, c, d in samples[arm]] for arm in ARMS},
@@ -281,6 +283,9 @@ def add_step_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step-s", type=float, default=20.0, help="step: seconds per step (default 20)")
     p.add_argument("--capacity-s", type=float, default=10.0, help="step: seconds per capacity run (default 10)")
     p.add_argument("--step-users", type=int, help="step: paced users (default 8 x peak rate x target)")
+    p.add_argument("--peak", type=float, default=2.0,
+                   help="step: the middle step's multiple of the measured capacity (default 2: 0.5x, 1x, 2x, 1x, "
+                        "0.5x); the controller can hold it only up to the floor's capacity, which the report states")
 
 
 def run_step(args: argparse.Namespace, out: str) -> dict[str, Any]:
@@ -291,7 +296,9 @@ def run_step(args: argparse.Namespace, out: str) -> dict[str, Any]:
     """
     if args.slo_p95_ms is None or args.max_drop is None:
         raise ValueError("--shape step needs --slo-p95-ms and --max-drop (the controller's target and floor)")
-    settings = StepSettings(args.slo_p95_ms, args.max_drop, step_s=args.step_s, capacity_s=args.capacity_s,
-                            users=args.step_users)
+    if not args.peak > 1.0:
+        raise ValueError(f"--peak is the overload step's multiple of the capacity and must be above 1, got {args.peak}")
+    settings = StepSettings(args.slo_p95_ms, args.max_drop, multiples=(0.5, 1.0, args.peak, 1.0, 0.5),
+                            step_s=args.step_s, capacity_s=args.capacity_s, users=args.step_users)
     return step_load(args.server, args.model_dir, out, settings, args.pool_size, args.server_cpus, args.batch_size,
                      args.max_batch_delay)

@@ -93,15 +93,22 @@ def series(rows: Sequence[LogRow], t0: float, end: float, bin_s: float = 1.0) ->
             "p95_ms": [percentile([v for v in b if v == v], 0.95) for b in sent]}
 
 
-def verdicts(arms: dict[str, list[dict[str, Any]]], slo_ms: float, floor_accuracy: float) -> dict[str, Any]:
+def verdicts(arms: dict[str, list[dict[str, Any]]], slo_ms: float, floor_accuracy: float,
+             capacity_ratio: Optional[float] = None) -> dict[str, Any]:
     """The issue's checks, on the highest step: fixed thresholds miss the target, the controller holds it
     within +10% with served accuracy at or above the floor and no failure in either arm; and the controller
-    is at the calibrated point at the end of every lowest step."""
+    is at the calibrated point at the end of every lowest step.
+
+    ``peak_within_floor_capacity`` says whether the peak could be held at all: when the floor's measured
+    capacity (``capacity_ratio`` x the calibrated point's) is below the peak load, no operating point within
+    ``max_drop`` serves it and a queue grows whatever the controller does."""
     fixed, ctl = arms["fixed"], arms["controller"]
     peak = max(range(len(ctl)), key=lambda i: ctl[i]["multiple"])
     lowest = min(s["multiple"] for s in ctl)
     return {
         "peak_step": peak, "slo_p95_ms": slo_ms, "floor_accuracy": floor_accuracy,
+        "peak_multiple": ctl[peak]["multiple"], "floor_capacity_ratio": capacity_ratio,
+        "peak_within_floor_capacity": None if capacity_ratio is None else ctl[peak]["multiple"] <= capacity_ratio,
         "fixed_p95_ms_at_peak": fixed[peak]["p95_ms"], "controller_p95_ms_at_peak": ctl[peak]["p95_ms"],
         "fixed_misses_target": fixed[peak]["p95_ms"] > slo_ms,
         "controller_holds_target": ctl[peak]["p95_ms"] <= 1.1 * slo_ms,

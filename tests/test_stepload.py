@@ -9,7 +9,7 @@ import random
 import pytest
 
 from loadtests.answers import LogRow
-from loadtests.stepreport import step_rows
+from loadtests.stepreport import step_rows, verdicts
 from loadtests.stepspec import next_send, parse_steps
 
 from helpers import save_ladder_model
@@ -50,6 +50,20 @@ def test_a_request_belongs_to_the_step_it_was_sent_in():
     assert (first["target_rps"], second["target_rps"]) == (50.0, 100.0)
     assert (first["point_last"], second["point_last"], first["at_calibrated"]) == (0, 2, 1.0)
     assert second["point_mean"] == pytest.approx(1.6)
+
+
+def test_verdicts_say_whether_the_floor_could_hold_the_peak():
+    def step(multiple, p95, point, accuracy=0.95):
+        return {"multiple": multiple, "p95_ms": p95, "accuracy": accuracy, "answers": 10, "failures": 0,
+                "point_last": point}
+    arms = {"fixed": [step(0.5, 40, 0), step(2.0, 900, 0), step(0.5, 45, 0)],
+            "controller": [step(0.5, 40, 0), step(2.0, 105, 3), step(0.5, 41, 0)]}
+    v = verdicts(arms, 100.0, 0.9, capacity_ratio=1.6)
+    assert v["fixed_misses_target"] and v["controller_holds_target"] and v["back_at_calibrated"]
+    assert v["peak_multiple"] == 2.0 and v["peak_within_floor_capacity"] is False  # 2x > the floor's 1.6x
+    assert verdicts(arms, 100.0, 0.9, capacity_ratio=2.5)["peak_within_floor_capacity"] is True
+    arms["controller"][2]["point_last"] = 1
+    assert not verdicts(arms, 100.0, 0.9)["back_at_calibrated"]
 
 
 @pytest.mark.server
