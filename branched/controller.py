@@ -20,7 +20,9 @@ interval, what a Ray ingress learns from its stages), ``observe_queue`` (waiting
 infinite at ``rho_j >= 1``).
 
 **Decision** (:meth:`~OperatingPointController.update`): when ``p95_cur > high x target`` move at once to the
-most accurate point predicted under it (else the floor); when only the observed p95 exceeds the target, one step.
+most accurate point predicted under it (else the floor); when only the observed p95 exceeds the target, the
+predictions are scaled by observed / predicted at the current point and it moves to the most accurate point the
+scaled prediction says holds (at least one step; else the floor).
 Move back after ``hold_s`` without pressure, to the most accurate point that would hold at ``1 + headroom`` x the
 load (hysteresis in load, where the noise is) while the observed p95 <= ``low x target``. A down-move soon after
 an up-move doubles the hold (up to 8x). Per-request thresholds and budgets bypass the controller: it supplies
@@ -357,8 +359,11 @@ class OperatingPointController:
         if at_risk or (observed is not None and observed > target):
             if at_risk:  # predictive: the most accurate point predicted to hold the target, else the floor
                 new = next((j for j in range(cur + 1, n) if p95[j] <= s.high * target), n - 1)
-            else:  # reactive: the model says fine but the latencies say otherwise: one step
-                new = min(cur + 1, n - 1)
+            else:  # reactive: the model says fine but the latencies say otherwise. Scale every prediction by how
+                # far off it is here (observed / predicted at this point) and move to the most accurate point that
+                # the corrected prediction says holds; at least one step, so an unknown error still makes progress.
+                scale = observed / p95[cur] if 0 < p95[cur] < math.inf else math.inf
+                new = next((j for j in range(cur + 1, n) if p95[j] * scale <= s.high * target), n - 1)
             self._pressure_at = now
             if new > cur:
                 if now - self._last_up < self._hold:

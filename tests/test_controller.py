@@ -252,6 +252,27 @@ def test_observed_latencies_push_further_when_the_model_is_wrong():
         assert seeing.state()["observed_p95_ms"] is not None and max(r["drop"] for r in b) <= 0.04
 
 
+def test_a_reactive_move_scales_the_prediction_by_its_measured_error():
+    """Latencies the model cannot see (a proxy in front adds 0.5 s to every request) on a lightly loaded server:
+    the prediction says the calibrated point holds, the observed p95 is 5x the target. The controller corrects
+    every point's prediction by observed / predicted and goes to the point that would then hold (here the floor)
+    in one move, instead of one point per half window while a queue would grow."""
+    c, rng, moves = controller(slo_ms=100.0), random.Random(0), []
+    for i in range(400):  # a batch of 1-4 requests every 40 ms, for 16 s: about 12% busy
+        c.clock.t = i * 0.04
+        before = c.index
+        c.update()
+        if c.index != before:
+            moves.append((before, c.index, c.state()["predicted_p95_ms"]))
+        n = rng.randint(1, 4)
+        c.clock.t += 0.002 + 0.001 * n
+        c.observe_batch(n, 0.002 + 0.001 * n, c.current.cost_fraction)
+        c.observe_latencies([0.5] * n)
+    assert not c.state()["saturated"] and c.state()["observed_p95_ms"] == pytest.approx(500)
+    assert moves and moves[0][0] == 0 and moves[0][1] == len(c.points) - 1, moves  # one move, to the floor
+    assert len(moves) == 1 and max(p.drop for p in c.points) <= 0.04  # never past the floor, and no way back
+
+
 def test_per_request_thresholds_win_over_the_controller(tmp_path):
     """Through Predictor: the controller's point is only the default of requests that name none."""
     from branched.serving import Predictor

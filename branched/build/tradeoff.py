@@ -21,7 +21,7 @@ def write_tradeoff_csv(path: str, cal: Calibration, test_points: Optional[Sequen
     """
     k1 = len(cal.path[0]) if cal.path else 0
     header = ["point"] + [f"threshold_{k}" for k in range(k1)] + [
-        "calib_cost_fraction", "calib_accuracy", "calib_drop", "calib_risk", "certify_errors", "p_value",
+        "calib_cost_fraction", "calib_accuracy", "calib_drop", "calib_risk", "certify_errors", "certify_helps", "p_value",
         "certified", "test_cost_fraction", "test_accuracy", "test_drop", "chosen"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -32,7 +32,7 @@ def write_tradeoff_csv(path: str, cal: Calibration, test_points: Optional[Sequen
             p = cal.p_values[j]
             w.writerow([j, *[f"{v:.6g}" for v in thr],
                         f"{c['cost_fraction']:.6f}", f"{c['accuracy']:.6f}", f"{c['drop']:.6f}", f"{c['risk']:.6f}",
-                        s["errors"], "" if p is None else f"{p:.6g}", int(cal.certified[j]),
+                        s["errors"], s.get("helps", ""), "" if p is None else f"{p:.6g}", int(cal.certified[j]),
                         "" if t is None else f"{t['cost_fraction']:.6f}", "" if t is None else f"{t['accuracy']:.6f}",
                         "" if t is None else f"{t['drop']:.6f}", int(j == cal.chosen)])
     return path
