@@ -168,6 +168,21 @@ def test_tiny_build_writes_a_complete_model_directory(tiny_build):
     assert test["guarantee_held"] == (test["drop"] <= cal["guarantee"]["drop_bound"] + 1e-12)
 
 
+def test_a_build_certifies_the_net_drop_and_orders_exits_by_measured_head_time(tmp_path):
+    """--loss net and --head-cost measured reach calibration from the command line: the guarantee names its loss,
+    the report keeps both head costs, and the shipped cost is the FLOPs one the routed model reports."""
+    out = tmp_path / "net"
+    assert main(["build", "--out", str(out), "--max-drop", "0.05", "--loss", "net", "--head-cost", "measured",
+                 "--keep-off-exits", *TINY]) == 0
+    model = load_model(str(out))
+    cal = model.config.meta["calibration"]
+    assert cal["guarantee"]["loss_name"] == "net" and "Clopper-Pearson" in cal["guarantee"]["loss"]
+    heads = cal["head_costs"]
+    assert heads["basis"] == "measured" and len(heads["measured"]) == len(heads["flops"]) == model.num_exits
+    assert heads["flops"] == pytest.approx([f / model.cost.backbone_flops for f in model.cost.exit_flops])
+    assert cal["test"]["routing_matches_records"]
+
+
 def test_tiny_build_curve_and_csv_agree(tiny_build):
     model = load_model(str(tiny_build))
     curve = model.config.meta["calibration"]["curve"]

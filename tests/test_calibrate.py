@@ -250,3 +250,28 @@ def test_samples_needed_for_the_net_drop():
     n = samples_needed(0.012, 0.01, 0.1, help_rate=0.008)  # drop 0.4 pt: certifiable with enough data
     assert n is not None and n > samples_needed(0.004, 0.01, 0.1)  # harm 0.4 pt alone is easier: no help noise
     assert samples_needed(0.03, 0.01, 0.1, help_rate=0.015) is None  # drop 1.5 pt: never
+
+
+def test_path_ordered_by_measured_head_costs_leaves_a_slow_head_off_and_reports_flops():
+    """An exit whose head is cheap in FLOPs but slow in wall-clock (pooling, scoring and gathering that FLOPs
+    miss): ordered by the measured costs, calibration leaves it off; the reported costs stay the FLOPs ones."""
+    rec = synthetic(3000, 6)
+    rec = ExitRecords(rec.scores, rec.preds, rec.costs, rec.labels, None, np.array([0.01, 0.01, 0.0]))
+    by_flops = calibrate(rec, max_drop=0.03)
+    slow = np.array([0.01, 0.6, 0.0])  # exit 1's head would cost more than it could ever save
+    by_time = calibrate(rec, max_drop=0.03, path_head_costs=slow)
+    assert math.isfinite(by_flops.thresholds[1]) and math.isinf(by_time.thresholds[1])
+    assert all(math.isinf(t[1]) for t in by_time.path)  # never switched on along the path
+    point = rec.point(by_time.thresholds)
+    assert by_time.report["cost_fraction"] == pytest.approx(point["cost_fraction"])  # FLOPs, with exit 1 off
+    with pytest.raises(ValueError, match="head costs"):
+        calibrate(rec, max_drop=0.03, path_head_costs=np.array([0.1, 0.1]))
+
+
+def test_measured_head_costs_are_shares_of_the_backbone_time():
+    from branched.build.steps import measured_head_costs
+    from helpers import make_model
+    model = make_model("cifar_resnet20", 16, n_exits=2)
+    shares = measured_head_costs(model, torch.randn(32, 3, 16, 16), batch_size=32, rounds=3)
+    assert shares.shape == (model.num_exits,) and (shares[:-1] > 0).all() and (shares[:-1] < 1).all()
+    assert shares[-1] == pytest.approx(model.cost.exit_flops[-1] / model.cost.backbone_flops)

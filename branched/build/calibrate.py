@@ -28,6 +28,7 @@ Procedure (Learn-then-Test, Angelopoulos et al. 2021):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -121,6 +122,15 @@ def threshold_path(records: ExitRecords, levels: int = 50) -> list[list[float]]:
 
 
 # ---------------------------------------------------------------- choosing an operating point
+def _with_head_costs(records: ExitRecords, head_costs: Optional[np.ndarray]) -> ExitRecords:
+    """The same records with other head costs (to order the path by), or the records themselves."""
+    if head_costs is None:
+        return records
+    if len(head_costs) != records.num_exits:
+        raise ValueError(f"{len(head_costs)} head costs for {records.num_exits} exits")
+    return dataclasses.replace(records, head_costs=np.asarray(head_costs, dtype=np.float64))
+
+
 def split_calibration(n: int, path_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, disjoint (path, certify) index sets of the calibration records."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -132,7 +142,7 @@ def split_calibration(n: int, path_fraction: float = 0.3, seed: int = 0) -> tupl
 
 def choose_policy(records: dict[str, ExitRecords], max_drop: Optional[float] = None,
                   max_cost: Optional[float] = None, path_fraction: float = 0.3, seed: int = 0,
-                  levels: int = 50) -> tuple[str, dict[str, float]]:
+                  levels: int = 50, path_head_costs: Optional[np.ndarray] = None) -> tuple[str, dict[str, float]]:
     """The exit policy whose threshold path does best on the *path* part of the calibration split.
 
     Only the path part is looked at (the same seeded split :func:`calibrate` makes), so the
@@ -146,7 +156,7 @@ def choose_policy(records: dict[str, ExitRecords], max_drop: Optional[float] = N
     eps = 0.01 if max_drop is None and max_cost is None else max_drop
     scores: dict[str, float] = {}
     for name, rec in records.items():
-        part = rec.subset(split_calibration(len(rec), path_fraction, seed)[0])
+        part = _with_head_costs(rec, path_head_costs).subset(split_calibration(len(rec), path_fraction, seed)[0])
         points = [part.point(t) for t in threshold_path(part, levels)]
         if max_cost is not None:
             fits = [p["accuracy"] for p in points if p["cost_fraction"] <= max_cost + 1e-12]
@@ -220,7 +230,8 @@ def _pareto_curve(points: list[dict], limit: int) -> list[dict]:
 def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: Optional[float] = None,
               delta: float = 0.1, family: str = "fixed_sequence", p_value_method: str = "binomial",
               select: str = "ltt", path_fraction: float = 0.3, levels: int = 50, seed: int = 0,
-              curve_points: int = 64, guarantee: str = "ltt", loss: str = "harm") -> Calibration:
+              curve_points: int = 64, guarantee: str = "ltt", loss: str = "harm",
+              path_head_costs: Optional[np.ndarray] = None) -> Calibration:
     """Choose thresholds on calibration records for an accuracy budget or a compute budget.
 
     Args:
@@ -241,6 +252,9 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             only). See :data:`GUARANTEES`.
         loss: what Learn-then-Test certifies: ``"harm"`` (right answers turned wrong, an upper bound on the
             drop) or ``"net"`` (the drop itself). See :data:`~branched.build.guarantee.LOSSES`.
+        path_head_costs: ``[K]`` what each exit's head costs when the path is ordered and the cheapest certified
+            point is picked (e.g. measured wall-clock shares, which count the pooling, scoring and gathering
+            that FLOPs miss); None: the records' own (FLOPs). The reported costs stay the records'.
 
     Raises:
         ValueError: both budgets, out-of-range settings, or too few records.
@@ -271,7 +285,8 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
                          "drop --max-cost / --select empirical")
     path_index, certify_index = split_calibration(len(records), path_fraction, seed)
     n_path = len(path_index)
-    path = threshold_path(records.subset(path_index), levels)
+    path_records = _with_head_costs(records, path_head_costs)
+    path = threshold_path(path_records.subset(path_index), levels)
     certify = records.subset(certify_index)
     calib_points = [records.point(t) for t in path]
     certify_points = [certify.point(t) for t in path]
@@ -309,7 +324,9 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             candidates = [j for j in range(len(path)) if certified[j]] or [0]
         else:
             candidates = [j for j in range(len(path)) if calib_points[j]["drop"] <= eps] or [0]
-        chosen = min(candidates, key=lambda j: (cost[j], -calib_points[j]["accuracy"]))
+        # Cheapest by the cost the path was ordered by (FLOPs, or the measured heads'); reported costs stay FLOPs.
+        order = cost if path_head_costs is None else [path_records.point(path[j])["cost_fraction"] for j in range(len(path))]
+        chosen = min(candidates, key=lambda j: (order[j], -calib_points[j]["accuracy"]))
         bound = eps if select == "ltt" else upper_bound(certify_points[chosen], delta / m)
         if kind == "crc":
             guarantee_info["adjusted_risk"] = adjusted[chosen]

@@ -99,6 +99,7 @@ class BuildSettings:
     select: str = "ltt"
     guarantee: str = "ltt"
     loss: str = "harm"
+    head_cost: str = "flops"
     path_fraction: float = 0.3
     keep_off_exits: bool = False
     # LC-Net gates
@@ -136,4 +137,6 @@ class BuildSettings:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if s.max_drop is not None and s.max_cost is not None:
             raise UsageError("give at most one budget: --max-drop or --max-cost")
+        if s.head_cost not in ("flops", "measured"):
+            raise UsageError(f"--head-cost must be flops or measured, got {s.head_cost!r}")
         return s

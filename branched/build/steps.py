@@ -8,12 +8,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
+import numpy as np
 import torch
 
 from ..backbones import build_backbone, load_backbone_weights
 from ..errors import UsageError
 from ..model import BranchedModel
-from ..routing import POLICIES
+from ..routing import POLICIES, exit_score
 from .calibrate import Calibration, calibrate, choose_policy
 from .evaluate import bench, evaluate
 from .lcnet_train import add_gates, train_gates
@@ -21,7 +22,8 @@ from .records import collect_records, collect_records_by_policy
 from .settings import BuildSettings
 from .train import ExitObjective, FitSettings, train_backbone, train_exits
 
-__all__ = ["backbone", "gates", "Outcome", "exits_and_calibration", "drop_off_exits", "measured_speedup"]
+__all__ = ["backbone", "gates", "Outcome", "exits_and_calibration", "drop_off_exits", "measured_head_costs",
+           "measured_speedup"]
 
 
 def backbone(s: BuildSettings, num_classes: int, inputs: tuple, settings: FitSettings, train_tensors,
@@ -124,10 +126,16 @@ def exits_and_calibration(model: BranchedModel, s: BuildSettings, fit: FitSettin
     t0 = time.perf_counter()
     policies = list(POLICIES) if s.policy == "auto" else [s.policy]
     by_policy = collect_records_by_policy(model, *tensors["calib"], policies)
-    policy, policy_scores = choose_policy(by_policy, s.max_drop, s.max_cost, s.path_fraction, s.seed)
+    head_costs = measured_head_costs(model, tensors["calib"][0]) if s.head_cost == "measured" else None
+    policy, policy_scores = choose_policy(by_policy, s.max_drop, s.max_cost, s.path_fraction, s.seed,
+                                          path_head_costs=head_costs)
     cal = calibrate(by_policy[policy], max_drop=s.max_drop, max_cost=s.max_cost, delta=s.delta,
                     family=s.family, p_value_method=s.p_value, select=s.select,
-                    path_fraction=s.path_fraction, seed=s.seed, guarantee=s.guarantee, loss=s.loss)
+                    path_fraction=s.path_fraction, seed=s.seed, guarantee=s.guarantee, loss=s.loss,
+                    path_head_costs=head_costs)
+    if head_costs is not None:
+        cal.report["head_costs"] = {"basis": "measured", "measured": head_costs.tolist(),
+                                    "flops": by_policy[policy].head_costs.tolist()}
     model.config.policy = policy
     model.config.thresholds = list(cal.thresholds)
     test_records = collect_records(model, *tensors["test"], policy=policy)
@@ -171,6 +179,38 @@ def drop_off_exits(model: BranchedModel, calibration: dict) -> tuple[BranchedMod
     cal["dropped_exits"] = [model.config.exits[k].after for k in off]
     trimmed.config.meta["calibration"] = cal
     return trimmed, cal
+
+
+@torch.inference_mode()
+def measured_head_costs(model: BranchedModel, x: torch.Tensor, batch_size: int = 64, rounds: int = 7) -> np.ndarray:
+    """Each exit's wall-clock cost on this machine as a share of the plain backbone's, per sample, at ``batch_size``.
+
+    A head's time counts what its FLOPs miss: pooling, the score, and gathering the survivors' features (half the
+    batch here) for the next segment. The last exit (the backbone's own head, always on) keeps its FLOPs share.
+    Medians of ``rounds`` timings, on a copy optimised for serving, as the servers run it.
+    """
+    served = copy.deepcopy(model).optimize_for_inference()
+    xb = x[:batch_size].contiguous(memory_format=served.memory_format)
+    features, h = [], xb
+    for k in range(served.num_exits - 1):
+        h = served.segments[k](h)
+        features.append(h)
+    half = torch.arange(0, len(xb), 2)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(rounds + 1):  # the first call warms up
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
+    policy = served.config.policy
+    backbone = timed(lambda: served.backbone_forward(xb))
+    shares = [timed(lambda f=f, k=k: (exit_score(served.exits[k](f), policy) >= 0.5, f[half])) / backbone
+              for k, f in enumerate(features)]
+    flops = served.cost.exit_flops
+    return np.array([*shares, flops[-1] / float(served.cost.backbone_flops)], dtype=np.float64)
 
 
 def measured_speedup(model: BranchedModel, x: torch.Tensor, batch_size: int = 64, batches: int = 4) -> float:
