@@ -172,11 +172,12 @@ def measure_hop(batch_size: int, image_bytes: int, thresholds: int, calls: int =
 
 
 def calibrate(model_dir: str, batch_size: int, threads: int = 1, device: str = "cpu",
-              hop: Optional[tuple[float, float, float]] = None) -> Calibration:
-    """Measure stage compute (in this process) and the hop cost (on the running local Serve, unless ``hop`` is given)."""
+              hop: Optional[tuple[float, float, float]] = None, batch_wait_s: Optional[float] = None) -> Calibration:
+    """Measure stage compute (in this process) and the hop cost (on the running local Serve, unless ``hop`` is given);
+    ``batch_wait_s``: the deployments' batch wait, which bounds how full a later deployment's batches get."""
     seconds, sizes = measure_steps(model_dir, batch_size, threads, device)
     k_thresholds = len(seconds) - 1
     call_s, sample_s, byte_s = hop or measure_hop(batch_size, sizes[0], k_thresholds)
     meta = {"device": device, "threads": threads, "host": platform.node(), "cpus": len(os.sched_getaffinity(0)),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "hop": "given" if hop else "measured"}
-    return Calibration(batch_size, seconds, sizes, call_s, sample_s, byte_s, meta)
+    return Calibration(batch_size, seconds, sizes, call_s, sample_s, byte_s, meta, batch_wait_s)

@@ -79,7 +79,8 @@ def _calibration(args: argparse.Namespace, model_dir: str) -> Optional[Calibrati
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        return calibrate(model_dir, args.expected_batch or args.max_batch_size, threads, device)
+        return calibrate(model_dir, args.expected_batch or args.max_batch_size, threads, device,
+                         batch_wait_s=args.batch_wait_s)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -256,6 +257,9 @@ def register(subparsers) -> None:
     g.add_argument("--grouping", help="use this grouping: the Ingress's stages, then each deployment's, "
                    "'|'-separated ('0|1,2'), or ingress / per-stage")
     g.add_argument("--expected-batch", type=int, help="batch size a loaded replica runs (default --max-batch-size)")
+    g.add_argument("--batch-wait-s", type=float,
+                   help="the deployments' batch wait: a later deployment's batch holds the survivors of the upstream "
+                        "batches that arrive within it (default: full batches, as from many upstream replicas)")
     g.add_argument("--device", help="where stages are timed (default: cuda with --gpus, else cpu)")
     g.add_argument("--profile", default=DEFAULT_PROFILE, choices=list(PROFILES),
                    help=f"Ray Serve settings to measure and serve with (default {DEFAULT_PROFILE}; ray_app/options.py)")

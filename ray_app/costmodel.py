@@ -4,7 +4,8 @@ Per request, a grouping costs the compute of every stage a request reaches plus 
 samples cross (:func:`grouping_cost`):
 
 * **compute**: stage ``k`` runs on the samples of its process's batch that are still there. A
-  deployment fills its batch (``B`` samples, the expected batch size) from many upstream calls;
+  deployment fills its batch (``B`` samples, the expected batch size) from many upstream calls, or, with
+  ``batch_wait_s`` measured against the upstream batch time, from the calls that arrive within one wait;
   inside one process, stage ``k`` only gets the survivors of its run's batch, ``B * reach_k / reach_s``
   (``s`` = the run's first stage). Per request that is ``reach_k * t_k(b) / b`` with ``t_k(b)`` the
   measured time of ``model.step(k)`` on a batch of ``b``.
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .grouping import Grouping
 
@@ -42,6 +43,10 @@ class Calibration:
         sample_s: CPU seconds per sample in a call (answers back, bookkeeping).
         byte_s: CPU seconds per byte sent.
         meta: where and how it was measured (device, threads, host, date).
+        batch_wait_s: the deployments' batch wait (``batch_wait_timeout_s``). A deployment's batch then holds
+            the survivors of the upstream batches that arrive within one wait, at most ``batch_size``: with one
+            upstream replica that runs a batch every ``T`` seconds, ``max(1, wait / T)`` of them. None: every
+            deployment gets full batches (many upstream replicas, or a long wait).
     """
 
     batch_size: int
@@ -51,6 +56,7 @@ class Calibration:
     sample_s: float
     byte_s: float
     meta: dict[str, Any] = field(default_factory=dict)
+    batch_wait_s: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.step_seconds = [{int(b): float(t) for b, t in s.items()} for s in self.step_seconds]
@@ -107,19 +113,25 @@ def grouping_cost(grouping: Grouping, reach: Sequence[float], cal: Calibration) 
     if grouping.num_stages != len(reach) or len(reach) != len(cal.step_seconds):
         raise ValueError(f"the grouping, exit rates and calibration disagree on the number of stages "
                          f"({grouping.num_stages}, {len(reach)}, {len(cal.step_seconds)}); re-run the calibration")
-    B = cal.batch_size
-    runs = [grouping.ingress, *grouping.groups]
-    compute = []
-    for run in runs:
+    B = float(cal.batch_size)
+    compute, hops = [], []
+    # The upstream run: its first stage (0 for the Ingress, which batches fresh requests), the samples of its
+    # batch at that stage, and the seconds one of its batches takes.
+    up_first, up_batch, up_period = 0, B, 0.0
+    for i, run in enumerate([grouping.ingress, *grouping.groups]):
+        batch = B
+        if i > 0:
+            s = run[0]
+            if cal.batch_wait_s is not None and up_period > 0:
+                per_call = up_batch * reach[s] / reach[up_first] if reach[up_first] > 0 else 0.0
+                batch = min(B, max(1.0, per_call * max(1.0, cal.batch_wait_s / up_period)))
+            calls = reach[up_first] / up_batch  # one call per upstream batch
+            hops.append(calls * cal.call_s + reach[s] * (cal.sample_s + cal.input_bytes[s] * cal.byte_s))
         first = reach[run[0]] if run else 0.0
-        compute.append(sum(reach[k] * cal.per_sample(k, max(1.0, B * reach[k] / first)) for k in run if first > 0))
-    hops = []
-    upstream = 0  # the first stage of the run that calls the next deployment (the Ingress batches fresh requests)
-    for run in grouping.groups:
-        s = run[0]
-        calls = reach[upstream] / B
-        hops.append(calls * cal.call_s + reach[s] * (cal.sample_s + cal.input_bytes[s] * cal.byte_s))
-        upstream = s
+        sizes = {k: max(1.0, batch * reach[k] / first) for k in run} if first > 0 else {}
+        compute.append(sum(reach[k] * cal.per_sample(k, b) for k, b in sizes.items()))
+        if run:
+            up_first, up_batch, up_period = run[0], batch, sum(cal.per_sample(k, b) * b for k, b in sizes.items())
     return GroupingCost(grouping, compute, hops)
 
 

@@ -59,7 +59,8 @@ def app_urls(port: int, direct: bool) -> dict[str, str]:
     return urls
 
 
-def _auto_grouping(model_dir: str, num_cpus: float, batch: int) -> tuple[str, dict[str, Any]]:
+def _auto_grouping(model_dir: str, num_cpus: float, batch: int, batch_wait_s: Optional[float] = None
+                   ) -> tuple[str, dict[str, Any]]:
     """Calibrate on this machine and let the planner choose the grouping; prints its reasoning."""
     from branched.artifact import load_config
 
@@ -70,7 +71,7 @@ def _auto_grouping(model_dir: str, num_cpus: float, batch: int) -> tuple[str, di
     config = load_config(model_dir)
     rates = calibrated_exit_rates(config) or [0.0] * len(config.exits) + [1.0]
     reach = reach_probabilities(rates)
-    cal = calibrate(model_dir, batch, threads=max(1, int(num_cpus)))
+    cal = calibrate(model_dir, batch, threads=max(1, int(num_cpus)), batch_wait_s=batch_wait_s)
     best, costs = choose_grouping(reach, cal)
     lines = describe(best, costs, reach, cal)
     print("\n".join(["[ray-plan] " + line for line in lines]), flush=True)
@@ -169,7 +170,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             grouping = args.grouping
             if grouping == "auto":
-                grouping, plan = _auto_grouping(args.model_dir, args.num_cpus, args.max_batch_size)
+                grouping, plan = _auto_grouping(args.model_dir, args.num_cpus, args.max_batch_size,
+                                                args.batch_wait_timeout_s)
             common = {"model_dir": args.model_dir, "max_batch_size": args.max_batch_size,
                       "batch_wait_timeout_s": args.batch_wait_timeout_s}
             # The staged app's processes share the CPUs by work; the baseline replica may use them all.

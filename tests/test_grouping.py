@@ -147,6 +147,24 @@ def test_planner_splits_where_small_batches_waste_more_than_a_hop():
         assert b["split"] == (b["freed_s"] > b["hop_s"]), b  # split exactly where it frees more than the hop costs
 
 
+def test_later_deployments_get_full_batches_only_if_the_wait_collects_them():
+    """The same batch-bound stages and cheap hops: with a batch wait shorter than an upstream batch, a later
+    deployment gets the survivors of one upstream call, no fuller than in the Ingress, so splitting frees
+    nothing and every stage stays in the Ingress; a wait that spans many upstream batches fills them again."""
+    short = calibration(GPU, call_ms=0.05)
+    short.batch_wait_s = 0.0005  # the Ingress's batch takes 2.2 ms
+    best, _ = choose_grouping(REACH, short)
+    assert str(best.grouping) == "0,1,2,3"
+    split = grouping_cost(Grouping.parse("0|1|2|3", STAGES), REACH, short)
+    together = grouping_cost(Grouping.parse("0,1,2,3", STAGES), REACH, short)
+    assert sum(split.compute) == pytest.approx(sum(together.compute))  # the same batches, so the same compute
+    long = calibration(GPU, call_ms=0.05)
+    long.batch_wait_s = 1.0
+    assert str(choose_grouping(REACH, long)[0].grouping) == "0|1|2|3"
+    again = Calibration.from_dict(yaml.safe_load(yaml.safe_dump(short.to_dict())))
+    assert again.batch_wait_s == 0.0005
+
+
 def test_grouping_cost_arithmetic():
     cal = calibration(CPU, call_ms=4.0, sample_ms=0.1)
     c = grouping_cost(Grouping.parse("0|1,2,3", STAGES), REACH, cal)
