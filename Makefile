@@ -72,7 +72,7 @@ demo-heavy: demo-heavy-model
 		--users $(USERS) --duration $(HEAVY_DURATION)
 	@echo "[demo] load test on Ray Serve: $(USERS) users x $(HEAVY_DURATION) per model"
 	$(BIN)/branched loadtest --server ray --model-dir $(HEAVY_DIR) --out reports/heavy-ray \
-		--users $(USERS) --duration $(HEAVY_DURATION)
+		--users $(USERS) --duration $(HEAVY_DURATION) --ray-env RAY_health_check_failure_threshold=30
 
 clean:
 	rm -rf $(VENV) archives/*.mar reports models
