@@ -190,7 +190,9 @@ def measured_head_costs(model: BranchedModel, x: torch.Tensor, batch_size: int =
     Medians of ``rounds`` timings, on a copy optimised for serving, as the servers run it.
     """
     served = copy.deepcopy(model).optimize_for_inference()
-    xb = x[:batch_size].contiguous(memory_format=served.memory_format)
+    device = next(served.parameters()).device
+    xb = x[:batch_size].to(device).contiguous(memory_format=served.memory_format)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     features, h = [], xb
     for k in range(served.num_exits - 1):
         h = served.segments[k](h)
@@ -200,8 +202,10 @@ def measured_head_costs(model: BranchedModel, x: torch.Tensor, batch_size: int =
     def timed(fn) -> float:
         times = []
         for _ in range(rounds + 1):  # the first call warms up
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
         return float(np.median(times[1:]))
 
