@@ -119,7 +119,7 @@ def grouping_cost(grouping: Grouping, reach: Sequence[float], cal: Calibration) 
     # batch at that stage, and the seconds one of its batches takes.
     up_first, up_batch, up_period = 0, B, 0.0
     for i, run in enumerate([grouping.ingress, *grouping.groups]):
-        batch = B
+        batch, per_call = B, 0.0
         if i > 0:
             s = run[0]
             if cal.batch_wait_s is not None and up_period > 0:
@@ -130,8 +130,12 @@ def grouping_cost(grouping: Grouping, reach: Sequence[float], cal: Calibration) 
         first = reach[run[0]] if run else 0.0
         sizes = {k: max(1.0, batch * reach[k] / first) for k in run} if first > 0 else {}
         compute.append(sum(reach[k] * cal.per_sample(k, b) for k, b in sizes.items()))
-        if run:
-            up_first, up_batch, up_period = run[0], batch, sum(cal.per_sample(k, b) * b for k, b in sizes.items())
+        if run or i == 0:
+            # A batch's period also holds the calls it takes in: each fresh request reaches the Ingress as one call
+            # (an HTTP request costs at least a handle call), a deployment's batch as its upstream calls.
+            taken = B if i == 0 else max(1.0, batch / per_call) if per_call > 0 else 1.0
+            up_first, up_batch = (run[0] if run else 0), batch
+            up_period = sum(cal.per_sample(k, b) * b for k, b in sizes.items()) + taken * cal.call_s
     return GroupingCost(grouping, compute, hops)
 
 
