@@ -21,6 +21,8 @@ def test_quantile_thresholds_let_the_asked_shares_out():
         left &= ~out
     assert int(left.sum()) == 200
     assert quantile_thresholds(scores, [0.0, 0.0, 0.0, 1.0]) == [math.inf] * 3
+    everyone = quantile_thresholds(scores, [1.0, 0.0, 0.0, 0.0])  # all leave at exit 0: a threshold in [0, lowest)
+    assert 0.0 <= everyone[0] < float(scores[0].min()) and everyone[1:] == [math.inf] * 2
     with pytest.raises(ValueError, match="summing to 1"):
         quantile_thresholds(scores, [0.5, 0.5, 0.5, 0.0])
 

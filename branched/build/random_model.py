@@ -61,7 +61,8 @@ def quantile_thresholds(scores: Sequence[torch.Tensor], exit_mix: Sequence[float
             continue
         want = min(want, len(candidates))
         lowest = float(candidates[want - 1])
-        below = float(candidates[want]) if want < len(candidates) else lowest - 1.0
+        # Everyone left leaves: go halfway down to 0 (scores are >= 0), not below it, so the config stays readable.
+        below = float(candidates[want]) if want < len(candidates) else (0.0 if lowest > 0 else lowest - 1.0)
         t = (lowest + below) / 2  # halfway: no sample sits on the threshold
         thresholds.append(t)
         left &= ~(s >= t)
