@@ -70,6 +70,16 @@ def median_thresholds(model: BranchedModel, x: torch.Tensor) -> list[float]:
     return [between(exit_score(o, model.config.policy)) for o in outs[:-1]]
 
 
+def assert_optimizing_keeps_answers(model: BranchedModel, x: torch.Tensor) -> None:
+    """``optimize_for_inference`` (in place) leaves every exit and answer of ``x`` as it was (to float noise)."""
+    thr = median_thresholds(model, x)
+    before = model.routed_forward(x, thr)
+    model.optimize_for_inference()
+    after = model.routed_forward(x, thr)
+    assert torch.equal(before.exit_index, after.exit_index)
+    torch.testing.assert_close(before.logits, after.logits, rtol=1e-4, atol=1e-4)
+
+
 def save_mnist_model(directory: str, input_size: int) -> str:
     """``cifar_resnet20`` with untrained exits, thresholds at the score medians of the first 24 mnist5k test
     images (the load tests' pool spreads over every exit), saved to ``directory``."""

@@ -12,7 +12,7 @@ from branched.build.placement import place_exits
 from branched.config import ModelConfig
 from branched.model import BranchedModel
 from branched.routing import exit_score, resolve_thresholds
-from helpers import between, make_model, median_thresholds
+from helpers import assert_optimizing_keeps_answers, between, make_model, median_thresholds
 
 # One member of each family, at the smallest input that keeps its shapes meaningful.
 FAMILIES = [("cifar_resnet20", 32), ("resnet18", 64), ("cifar_vgg11_bn", 32), ("cifar_densenet121", 32)]
@@ -106,14 +106,7 @@ def test_routed_cost_is_what_the_counter_sees():
 
 
 def test_optimized_model_keeps_answers():
-    model = make_model("cifar_resnet20", 32, n_exits=3)
-    x = torch.randn(16, 3, 32, 32)
-    thr = median_thresholds(model, x)
-    before = model.routed_forward(x, thr)
-    model.optimize_for_inference()
-    after = model.routed_forward(x, thr)
-    assert torch.equal(before.exit_index, after.exit_index)
-    torch.testing.assert_close(before.logits, after.logits, rtol=1e-4, atol=1e-4)
+    assert_optimizing_keeps_answers(make_model("cifar_resnet20", 32, n_exits=3), torch.randn(16, 3, 32, 32))
 
 
 @pytest.mark.parametrize("policy", ["confidence", "max_softmax", "entropy"])

@@ -32,7 +32,7 @@ from branched.model import BranchedModel
 from branched.preprocess import Preprocessor
 from branched.serving import Predictor
 
-from helpers import median_thresholds, png
+from helpers import assert_optimizing_keeps_answers, median_thresholds, png
 
 # One member of every family at 32 px: registry entries that are already small (cifar_vit_micro: torchvision's
 # VisionTransformer, 4 x 32; cifar_mobilenet_v3_small: the CIFAR stem), torchvision's classes at tiny settings
@@ -431,13 +431,7 @@ def test_untraceable_torch_module_holding_blocks_says_what_to_name():
 
 def test_bn_folding_skips_blocks_it_cannot_trace():
     model = make("oddnet", 32)
-    x = torch.randn(8, 3, 32, 32)
-    thr = median_thresholds(model, x)
-    before = model.routed_forward(x, thr)
-    model.optimize_for_inference()
-    after = model.routed_forward(x, thr)
-    assert torch.equal(before.exit_index, after.exit_index)
-    torch.testing.assert_close(before.logits, after.logits, rtol=1e-4, atol=1e-4)
+    assert_optimizing_keeps_answers(model, torch.randn(8, 3, 32, 32))
     blocks = [b for seg in model.segments for b in seg.blocks]
     assert any(isinstance(b, UntraceableBlock) for b in blocks), "the untraceable block is kept as it was"
     assert not any(isinstance(m, nn.BatchNorm2d) for b in blocks if not isinstance(b, UntraceableBlock)

@@ -14,13 +14,12 @@ far closer to the empirical point, but it promises an average, not a high-probab
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..binomial import binomial_cdf, binomial_upper_bound  # the core's, shared with the load controller
+from ..binomial import binomial_cdf, binomial_lower_bound, binomial_upper_bound  # the core's, shared with the load controller
 
 __all__ = ["FAMILIES", "P_VALUES", "LOSSES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound",
            "binomial_lower_bound", "net_drop_upper_bound", "net_drop_p_value", "samples_needed", "crc_last_valid"]
@@ -62,45 +61,6 @@ def p_value(errors: int, n: int, epsilon: float, method: str = "binomial") -> fl
     raise ValueError(f"p-value method must be one of {', '.join(P_VALUES)}, got {method!r}")
 
 
-@functools.lru_cache(maxsize=4096)
-def _log_binomial_coefficients(k: int, n: int) -> np.ndarray:
-    return math.lgamma(n + 1) - np.array([math.lgamma(v + 1) + math.lgamma(n - v + 1) for v in range(k + 1)])
-
-
-def _cdf(k: int, n: int, p: float) -> float:
-    """``P(Bin(n, p) <= k)`` (numpy, for the many evaluations of a bound's bisection)."""
-    if k < 0:
-        return 0.0
-    if k >= n or p <= 0.0:
-        return 1.0
-    if p >= 1.0:
-        return 0.0
-    i = np.arange(k + 1, dtype=np.float64)
-    logs = _log_binomial_coefficients(k, n) + i * math.log(p) + (n - i) * math.log1p(-p)
-    top = logs.max()
-    return float(min(1.0, math.exp(top) * np.exp(logs - top).sum()))
-
-
-def _clopper_pearson(k: int, n: int, delta: float, upper: bool) -> float:
-    if upper:  # the p with P(X <= k) = delta
-        if k >= n:
-            return 1.0
-        lo, hi, keep = k / n, 1.0, lambda p: _cdf(k, n, p) > delta
-    else:  # the p with P(X >= k) = delta
-        if k <= 0:
-            return 0.0
-        lo, hi, keep = 0.0, k / n, lambda p: 1.0 - _cdf(k - 1, n, p) < delta
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if keep(mid) else (lo, mid)
-    return hi if upper else lo
-
-
-def binomial_lower_bound(successes: int, n: int, delta: float) -> float:
-    """One-sided ``1 - delta`` Clopper-Pearson lower bound on a Bernoulli mean."""
-    return 0.0 if n == 0 else _clopper_pearson(successes, n, delta, upper=False)
-
-
 def net_drop_upper_bound(harms: int, helps: int, n: int, delta: float) -> float:
     """``1 - delta`` upper bound on the accuracy drop ``P(harm) - P(help)``.
 
@@ -113,7 +73,7 @@ def net_drop_upper_bound(harms: int, helps: int, n: int, delta: float) -> float:
     """
     if n == 0:
         return 1.0
-    return _clopper_pearson(harms, n, delta / 2, upper=True) - binomial_lower_bound(helps, n, delta / 2)
+    return binomial_upper_bound(harms, n, delta / 2) - binomial_lower_bound(helps, n, delta / 2)
 
 
 def net_drop_p_value(harms: int, helps: int, n: int, epsilon: float, tolerance: float = 1e-4) -> float:
