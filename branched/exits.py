@@ -114,6 +114,11 @@ class PooledMaps(nn.Module):
         self.cells = cells
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.cells == 0 and w % self.cells == 0:
+            # The same windows as the adaptive pools, which on CPU run about 1.4x slower on channels-last maps.
+            window = (h // self.cells, w // self.cells)
+            return torch.stack([nn.functional.avg_pool2d(x, window), nn.functional.max_pool2d(x, window)], 1)
         return torch.stack([nn.functional.adaptive_avg_pool2d(x, self.cells),
                             nn.functional.adaptive_max_pool2d(x, self.cells)], 1)
 

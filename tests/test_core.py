@@ -240,3 +240,27 @@ def test_sdn_exits_route_round_trip_and_cost_under_one_percent(tmp_path):
     assert torch.equal(again.exit_index, out.exit_index) and torch.equal(again.class_index, out.class_index)
     served = load_model(str(tmp_path / "m")).optimize_for_inference()
     assert torch.equal(served.routed_forward(x, thr).class_index, out.class_index)
+
+@pytest.mark.parametrize("shape,channels_last", [((6, 8, 5, 7), True), ((6, 8, 5, 7), False), ((6, 1, 4, 4), True),
+                                                 ((6, 9, 16), False)])
+def test_take_rows_gathers_like_indexing_and_keeps_the_memory_format(shape, channels_last):
+    from branched.model import take_rows
+    x = torch.randn(*shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rows = torch.tensor([4, 0, 3])
+    got = take_rows(x, rows)
+    assert torch.equal(got, x[rows])
+    if channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert got.is_contiguous()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (12, 8), (7, 9)])
+def test_sdn_pooled_maps_equal_the_adaptive_pools(size):
+    """Fixed windows where the map divides into cells (faster on CPU), adaptive pools elsewhere: the same values."""
+    from branched.exits import PooledMaps
+    x = torch.randn(3, 5, *size).contiguous(memory_format=torch.channels_last)
+    want = torch.stack([torch.nn.functional.adaptive_avg_pool2d(x, 4), torch.nn.functional.adaptive_max_pool2d(x, 4)], 1)
+    torch.testing.assert_close(PooledMaps(4)(x), want, rtol=1e-6, atol=1e-7)
