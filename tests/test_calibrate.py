@@ -268,6 +268,31 @@ def test_path_ordered_by_measured_head_costs_leaves_a_slow_head_off_and_reports_
         calibrate(rec, max_drop=0.03, path_head_costs=np.array([0.1, 0.1]))
 
 
+def test_an_exit_that_stops_paying_for_its_head_switches_off_again_when_heads_are_measured():
+    """Exit 1 is sure and right on the easy half, so it is switched on early; exit 0 (noisier) then takes those
+    samples bit by bit, until exit 1's slow head costs more than the few it lets out save. With switch-off moves
+    (what measured head costs enable) the path turns it off and is cheaper at every risk level it reaches."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    u = rng.random(n)
+    labels = rng.integers(0, 10, n)
+    easy, wrong = u < 0.5, (labels + 1) % 10
+    preds = np.stack([np.where(easy, labels, wrong), np.where(easy, labels, wrong),
+                      np.where(rng.random(n) < 0.95, labels, wrong)], 1)
+    scores = np.stack([np.clip(1 - u + rng.normal(0, 0.3, n), 0, 1), np.where(easy, 1 - u, 0.2 * (1 - u))], 1)
+    rec = ExitRecords(scores, preds, np.tile([0.3, 0.6, 1.0], (n, 1)), labels, None, np.array([0.01, 0.15, 0.0]))
+    paths = {so: threshold_path(rec, levels=20, switch_off=so) for so in (False, True)}
+    on = [math.isfinite(t[1]) for t in paths[True]]
+    assert any(on) and not on[-1], "exit 1 was on along the path and is off at its end"
+    assert math.isfinite(paths[False][-1][1]), "without switch-off moves it stays on"
+    for path in paths.values():
+        costs = [rec.point(t)["cost_fraction"] for t in path]
+        assert all(b <= a + 1e-12 for a, b in zip(costs, costs[1:])), "cost never rises along the path"
+    cheapest = {so: [min(p["cost_fraction"] for p in map(rec.point, path) if p["risk"] <= r) for r in (0.02, 0.05, 0.1)]
+                for so, path in paths.items()}
+    assert all(a < b for a, b in zip(cheapest[True], cheapest[False])), cheapest
+
+
 def test_measured_head_costs_are_shares_of_the_backbone_time():
     from branched.build.steps import measured_head_costs
     from helpers import make_model

@@ -13,7 +13,7 @@ import torch
 
 from ..backbones import build_backbone, load_backbone_weights
 from ..errors import UsageError
-from ..model import BranchedModel
+from ..model import BranchedModel, take_rows
 from ..routing import POLICIES, exit_score
 from .calibrate import Calibration, calibrate, choose_policy
 from .evaluate import bench, evaluate
@@ -185,36 +185,44 @@ def drop_off_exits(model: BranchedModel, calibration: dict) -> tuple[BranchedMod
 def measured_head_costs(model: BranchedModel, x: torch.Tensor, batch_size: int = 64, rounds: int = 7) -> np.ndarray:
     """Each exit's wall-clock cost on this machine as a share of the plain backbone's, per sample, at ``batch_size``.
 
-    A head's time counts what its FLOPs miss: pooling, the score, and gathering the survivors' features (half the
-    batch here) for the next segment. The last exit (the backbone's own head, always on) keeps its FLOPs share.
-    Medians of ``rounds`` timings, on a copy optimised for serving, as the servers run it.
+    A head's time counts what its FLOPs miss: pooling, the score, the split into leavers and survivors and gathering
+    the survivors' features (half the batch here) for the next segment. Heads are timed where they run, between the
+    segments of a full pass, so each finds the caches as a routed batch leaves them (its weights evicted by the
+    segment before it): timed alone in a loop, a head ran about twice as fast as in place. The last exit (the
+    backbone's own head, always on) keeps its FLOPs share. Medians of ``rounds`` passes, on a copy optimised for
+    serving, as the servers run it.
     """
     served = copy.deepcopy(model).optimize_for_inference()
     device = next(served.parameters()).device
     xb = x[:batch_size].to(device).contiguous(memory_format=served.memory_format)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    features, h = [], xb
-    for k in range(served.num_exits - 1):
-        h = served.segments[k](h)
-        features.append(h)
-    half = torch.arange(0, len(xb), 2)
+    half = torch.arange(0, len(xb), 2, device=device)
+    policy, k1 = served.config.policy, served.num_exits - 1
 
-    def timed(fn) -> float:
-        times = []
-        for _ in range(rounds + 1):  # the first call warms up
+    def backbone_pass() -> float:
+        sync()
+        t0 = time.perf_counter()
+        served.backbone_forward(xb)
+        sync()
+        return time.perf_counter() - t0
+
+    def pass_with_heads() -> list[float]:
+        times, h = [], xb
+        for k in range(k1):
+            h = served.segments[k](h)
             sync()
             t0 = time.perf_counter()
-            fn()
+            leave = exit_score(served.exits[k](h), policy) >= 0.5
+            leave.nonzero(), (~leave).nonzero(), take_rows(h, half)
             sync()
             times.append(time.perf_counter() - t0)
-        return float(np.median(times[1:]))
+        return times
 
-    policy = served.config.policy
-    backbone = timed(lambda: served.backbone_forward(xb))
-    shares = [timed(lambda f=f, k=k: (exit_score(served.exits[k](f), policy) >= 0.5, f[half])) / backbone
-              for k, f in enumerate(features)]
+    backbone_pass(), pass_with_heads()  # warm-up
+    backbone = float(np.median([backbone_pass() for _ in range(rounds)]))
+    shares = np.median(np.array([pass_with_heads() for _ in range(rounds)]), axis=0) / backbone
     flops = served.cost.exit_flops
-    return np.array([*shares, flops[-1] / float(served.cost.backbone_flops)], dtype=np.float64)
+    return np.array([*shares.reshape(k1), flops[-1] / float(served.cost.backbone_flops)], dtype=np.float64)
 
 
 def measured_speedup(model: BranchedModel, x: torch.Tensor, batch_size: int = 64, batches: int = 4) -> float:
