@@ -135,8 +135,11 @@ class ClassifierUser(FastHttpUser):
         shape, now = self.environment.shape_class, self._clock()
         if hasattr(shape, "next_send"):
             due = shape.next_send(self.due)
-            if due is None:  # after the shape's last step: nothing more to send
-                return 1.0
+            if due is None:
+                # This user's next arrival falls after the last step: it sends nothing more, and sleeps until the
+                # shape ends the run (which stops it). Returning a short wait here made every such user send once a
+                # second through the last step, tripling its offered load at the end.
+                return 3600.0
         elif self.environment.parsed_options.pace > 0:
             due = self.due + random.expovariate(self.environment.parsed_options.pace)
         else:

@@ -34,7 +34,7 @@ from branched.artifact import load_config
 from branched.controller import operating_points
 
 from .answers import read_log, write_expected
-from .harness import VARIANTS, make_pool, run_locust, say, serve, warm_up
+from .harness import VARIANTS, make_pool, ray_options, run_locust, say, serve, warm_up
 from .report import read_run
 from .stepreport import series, step_rows, verdicts, write_step_report
 
@@ -158,7 +158,8 @@ def settle(url: str, images: list[bytes], read: Callable[[], Optional[tuple]], t
 
 
 def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings, pool_size: int = 200,
-              server_cpus: Optional[int] = None, batch_size: int = 8, max_batch_delay: int = 10) -> dict[str, Any]:
+              server_cpus: Optional[int] = None, batch_size: int = 8, max_batch_delay: int = 10,
+              ray: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Run the step-load test and write its report; returns the report dict.
 
     Args:
@@ -167,6 +168,7 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
         out_dir: where the report, the pool and Locust's files go.
         settings: target, floor, steps and load.
         pool_size, server_cpus, batch_size, max_batch_delay: as for ``branched loadtest``.
+        ray: Ray Serve launcher options (``profile``, ``grouping``, ``env``), as for ``branched loadtest``.
 
     Raises:
         branched.controller.ControllerError: settings the model's curve cannot honour (with the fix).
@@ -180,12 +182,13 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
     expected, point_accuracy = ladder_expected(model_dir, pool.folder, out_dir, ladder)
     with open(pool.expected["baseline"]) as f, open(os.path.join(pool.folder, "labels.json")) as g:
         base, labels = json.load(f), json.load(g)
-    backbone_accuracy = sum(base[n]["class_index"] == int(labels[n]) for n in base) / len(base)
+    backbone_correct = {n: base[n]["class_index"] == int(labels[n]) for n in base}
+    backbone_accuracy = sum(backbone_correct.values()) / len(backbone_correct)
     control = {"slo_p95_ms": settings.slo_p95_ms, "max_drop": settings.max_drop, "controller": settings.controller}
     cap_users = settings.capacity_users or 4 * batch_size
     calibrated, floor = _thresholds_header(ladder[0].thresholds), _thresholds_header(ladder[-1].thresholds)
     own_cpus = os.sched_getaffinity(0)
-    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False,
+    with serve(server, model_dir, out_dir, server_cpus, batch_size, max_batch_delay, baseline=False, ray=ray,
                control=control) as target:
         os.sched_setaffinity(0, target.load_cpus)  # the runner's sampler stays off the server's CPUs
         try:
@@ -230,11 +233,12 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
     settle_s = settings.settle_s if settings.settle_s is not None else 2 * settings.controller.get("window_s", 2.0)
     for arm in ARMS:
         rows, t0 = logs[arm]
-        arms[arm] = step_rows(rows, t0, steps, capacity["calibrated"], samples[arm], settle_s)
+        arms[arm] = step_rows(rows, t0, steps, capacity["calibrated"], samples[arm], settle_s, backbone_correct)
     floor_accuracy = backbone_accuracy - settings.max_drop
     report = {
         "server": server, "model": config.backbone, "model_dir": model_dir, "slo_p95_ms": settings.slo_p95_ms,
-        "max_drop": settings.max_drop, "settings": asdict(settings), "users": users, "capacity_users": cap_users,
+        "max_drop": settings.max_drop, "settings": asdict(settings), "ray": ray if server == "ray" else None,
+        "users": users, "capacity_users": cap_users,
         "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "pool_size": len(pool.images),
         "server_cpus": sorted(target.server_cpus), "load_cpus": sorted(target.load_cpus),
         "capacity_rps": capacity["calibrated"], "capacity_floor_rps": capacity["floor"],
@@ -246,7 +250,7 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
         "pool_backbone_accuracy": backbone_accuracy, "settle_s": settle_s,
         "arms": arms, "verdicts": verdicts(arms, settings.slo_p95_ms, floor_accuracy,
                                            capacity["floor"] / capacity["calibrated"] if capacity["calibrated"]
-                                           else None),
+                                           else None, max_drop=settings.max_drop),
         "series": {arm: series(logs[arm][0], logs[arm][1], logs[arm][1] + settings.step_s * len(steps))
                    for arm in ARMS},
         "points": {arm: [(t - logs[arm][1], i, c, d) for t, i, c, d in samples[arm]] for arm in ARMS},
@@ -263,13 +267,13 @@ def print_step_summary(report: dict[str, Any]) -> None:
           f"{report['slo_p95_ms']:g} ms, max drop {report['max_drop']:g}, {report['users']} users; a full batch at "
           f"the calibrated point takes {report['full_batch_ms']:.0f} ms")
     print(f"  {'arm':<10} {'step':>4} {'offered':>8} {'answered':>8} {'p95 ms':>8} {'settled':>8} {'fail':>5} "
-          f"{'accuracy':>8} {'cost':>6} {'point':>9}")
+          f"{'accuracy':>8} {'drop':>6} {'cost':>6} {'point':>9}")
     for arm, steps in report["arms"].items():
         for s in steps:
             point = "-" if s["point_mean"] is None else f"{s['point_mean']:.1f}/{s['point_last']}"
             print(f"  {arm:<10} {s['multiple']:>3g}x {s['offered_rps']:>8.1f} {s['throughput_rps']:>8.1f} "
                   f"{s['p95_ms']:>8.0f} {s['p95_settled_ms']:>8.0f} {s['failures']:>5} {s['accuracy']:>8.4f} "
-                  f"{s['cost_fraction']:>6.3f} {point:>9}")
+                  f"{s.get('drop', float('nan')):>6.3f} {s['cost_fraction']:>6.3f} {point:>9}")
     print("  " + json.dumps(report["verdicts"]))
 
 
@@ -301,4 +305,4 @@ def run_step(args: argparse.Namespace, out: str) -> dict[str, Any]:
     settings = StepSettings(args.slo_p95_ms, args.max_drop, multiples=(0.5, 1.0, args.peak, 1.0, 0.5),
                             step_s=args.step_s, capacity_s=args.capacity_s, users=args.step_users)
     return step_load(args.server, args.model_dir, out, settings, args.pool_size, args.server_cpus, args.batch_size,
-                     args.max_batch_delay)
+                     args.max_batch_delay, ray_options(args))

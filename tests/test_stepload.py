@@ -41,6 +41,7 @@ def test_a_request_belongs_to_the_step_it_was_sent_in():
                                                    + [(20.0, True, True)] * 19 + [(30.0, False, None)])]
     points = [(100.0 + t, 0 if t < 12 else 2, 1.0, 0.0) for t in range(20)]
     first, second = step_rows(rows, 100.0, [(10, 1.0), (10, 2.0)], 50.0, points, settle_s=2.0)
+    assert math.isnan(first["drop"])  # no backbone answers given: no paired drop
     assert (first["requests"], first["answers"], first["failures"]) == (20, 20, 0)
     assert (second["requests"], second["answers"], second["failures"]) == (20, 19, 1)
     assert first["p95_ms"] == 10.0 and first["p99_ms"] == 9000.0 and second["p95_ms"] == 20.0
@@ -64,6 +65,27 @@ def test_verdicts_say_whether_the_floor_could_hold_the_peak():
     assert verdicts(arms, 100.0, 0.9, capacity_ratio=2.5)["peak_within_floor_capacity"] is True
     arms["controller"][2]["point_last"] = 1
     assert not verdicts(arms, 100.0, 0.9)["back_at_calibrated"]
+
+
+def test_the_floor_is_judged_on_each_steps_own_requests_against_the_backbone():
+    """A step that drew hard images has low accuracy although the model lost nothing on them: judged paired
+    (the backbone's answers to the same requests), it is within the floor; a step that lost 3 points is not."""
+    images = [f"{i}.png" for i in range(100)]
+    backbone = {name: i < 70 for i, name in enumerate(images)}  # the backbone is right on 70 of the 100
+    rows = []
+    for i, name in enumerate(images):  # step 1 (t 100-110): same answers as the backbone; 70% right
+        rows.append(LogRow(100 + i * 0.1, 100.05 + i * 0.1, name, True, False, 0, 5.0, "", backbone[name], 0.5))
+    for i, name in enumerate(images):  # step 2 (t 110-120): three of the backbone's right answers turned wrong
+        rows.append(LogRow(110 + i * 0.1, 110.05 + i * 0.1, name, True, False, 0, 5.0, "", backbone[name] and i >= 3,
+                           0.4))
+    first, second = step_rows(rows, 100.0, [(10, 1.0), (10, 2.0)], 10.0, [], 1.0, backbone)
+    assert first["backbone_accuracy"] == pytest.approx(0.7) and first["drop"] == pytest.approx(0.0)
+    assert second["drop"] == pytest.approx(0.03)
+    arms = {"fixed": [first, second], "controller": [first, second]}
+    assert verdicts(arms, 100.0, 0.9, max_drop=0.05)["accuracy_within_floor"]  # paired: 0 and 3 points
+    assert not verdicts(arms, 100.0, 0.9)["accuracy_within_floor"]  # unpaired: 0.70 < 0.9
+    assert not verdicts(arms, 100.0, 0.9, max_drop=0.02)["accuracy_within_floor"]
+    assert verdicts(arms, 100.0, 0.9, max_drop=0.05)["controller_max_drop"] == pytest.approx(0.03)
 
 
 @pytest.mark.server
@@ -110,6 +132,9 @@ def test_step_load_on_torchserve_adds_up(tmp_path):
         assert weighted == pytest.approx(correct)
         points = report["points"][arm]
         assert points and {p[1] for p in points} <= {0, 1, 2}
+        # Paced users never send faster than their step asks (a user past its last arrival once sent every second)
+        for s in steps:
+            assert s["offered_rps"] <= 1.35 * s["target_rps"] + 3, (arm, s["step"], s["offered_rps"], s["target_rps"])
     fixed = [r for r in csv.DictReader(open(os.path.join(out, "step_fixed_requests.csv")))]
     assert {r["exit"] for r in fixed if r["ok"] == "1"} == {"2"}
     costs = {round(s["cost_fraction"], 6) for s in report["arms"]["fixed"] if s["answers"]}
