@@ -220,8 +220,9 @@ def _build_command(sub) -> None:
                         "backbone's errors the exits fix; certifies cheaper points)")
     g.add_argument("--head-cost", default="flops", choices=["flops", "measured"],
                    help="what an exit's head costs when calibration orders the exits and picks the cheapest point: "
-                        "its FLOPs, or its wall-clock share of the backbone measured here at batch 64 (pooling, "
-                        "scoring and gathering the survivors included); reported costs stay FLOPs")
+                        "its FLOPs, or its wall-clock share of the backbone measured here at batch 64, in place "
+                        "between the segments (pooling, scoring and gathering the survivors included; exits that "
+                        "stop paying for their head are switched off again); reported costs stay FLOPs")
     g.add_argument("--keep-off-exits", action="store_true",
                    help="keep exits that calibration switches off (they cost nothing at run time; per-request "
                         "thresholds can switch them on) instead of leaving them out of the model")
