@@ -374,7 +374,9 @@ class OperatingPointController:
             if now - self._last_move >= 4 * self._hold:
                 self._hold = s.hold_s
             return
-        calm = [j for j in range(cur) if self.predicted_p95(j, rate * (1 + s.headroom), queue) <= s.high * target]
+        back = [self.predicted_p95(j, rate * (1 + s.headroom), queue) for j in range(cur)]
+        self._estimate["move_back_p95_ms"] = [1e3 * v for v in back]  # what the move-back rule saw (state())
+        calm = [j for j in range(cur) if back[j] <= s.high * target]
         if not calm or (observed is not None and observed > s.low * target):
             self._pressure_at = now
         elif now - self._pressure_at >= self._hold:

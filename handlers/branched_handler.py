@@ -18,6 +18,7 @@ This module must only import ``ts``, ``torch`` and ``branched``: it runs from th
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import Any, Mapping, Optional
@@ -65,6 +66,8 @@ METRIC_POINT_COST = "BranchedOperatingCost"
 METRIC_POINT_DROP = "BranchedExpectedDrop"
 #: Gauge: the controller's predicted p95 latency at that point, in ms (-1 until it can predict; 1e6: saturated).
 METRIC_PREDICTED_P95 = "BranchedPredictedP95"
+#: Seconds between two log lines of the controller's state while it is away from the calibrated point.
+STATE_LOG_S = 5.0
 #: Counter: operating-point moves (dimension ``Direction``: ``down`` = cheaper, ``up``).
 METRIC_MOVES = "BranchedPointMoves"
 #: Optional request header with the time the request entered the system (a proxy's or client's clock on
@@ -192,6 +195,13 @@ class BranchedHandler(BaseHandler):
                                   (METRIC_PREDICTED_P95, state.get("predicted_p95_ms") or -1.0, "ms")):
             value = -1.0 if value is None else min(float(value), 1e6)  # 1e6 ms: saturated, no finite p95
             self.context.metrics.add_metric(name, value, unit, None, self._dims([]), MetricTypes.GAUGE)
+        now = time.monotonic()
+        if state["index"] and now - getattr(self, "_logged_at", -math.inf) >= STATE_LOG_S:
+            # Away from the calibrated point: what keeps it there (load estimate, move-back predictions), now and then.
+            self._logged_at = now
+            logger.info("branched controller: at point %d (cost %.3f): %s", state["index"], state["cost_fraction"],
+                        {k: state.get(k) for k in ("arrival_rate", "busy", "saturated", "predicted_p95_ms",
+                                                   "observed_p95_ms", "hold_s", "move_back_p95_ms")})
         for direction in ("down", "up"):
             n = state[f"moves_{direction}"] - self._moves[direction]
             if n:

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -208,9 +209,15 @@ def serve(server: str, model_dir: str, out_dir: str, server_cpus: Optional[int] 
         models = {MODEL: f"{MODEL}.mar", **({f"{MODEL}-baseline": f"{MODEL}-baseline.mar"} if baseline else {})}
         workdir = tempfile.mkdtemp(prefix="branched-ts-")
         say(f"starting TorchServe on CPUs {sorted(server_set)} (logs in {workdir}/logs)")
-        with TorchServe(store, workdir, models, cpus=server_set) as ts:
-            paths = {"early_exit": f"/predictions/{MODEL}", "baseline": f"/predictions/{MODEL}-baseline"}
-            yield Target(server, ts.inference_url, paths, ts.pgid, ts, load_set, server_set)
+        try:
+            with TorchServe(store, workdir, models, cpus=server_set) as ts:
+                paths = {"early_exit": f"/predictions/{MODEL}", "baseline": f"/predictions/{MODEL}-baseline"}
+                yield Target(server, ts.inference_url, paths, ts.pgid, ts, load_set, server_set)
+        finally:
+            # The handler's log (controller moves and state) beside the report, as Ray's server log is.
+            log = os.path.join(workdir, "logs", "model_log.log")
+            if os.path.exists(log):
+                shutil.copyfile(log, os.path.join(out_dir, "torchserve_model_log.log"))
         say("TorchServe stopped")
     else:
         options = {k: v for k, v in (ray or {}).items() if v is not None}

@@ -232,6 +232,19 @@ def test_step_load_holds_the_target_where_fixed_thresholds_miss_it():
     assert served_index(adaptive, 0, 20) == 0 and served_index(adaptive, 85, 100) == 0  # back at the calibrated point
 
 
+def test_state_says_what_the_move_back_rule_predicts_while_away_from_the_calibrated_point():
+    """While it waits to move back, state() carries the predicted p95 of every more accurate point at the load
+    plus headroom (what the handler logs every few seconds), so a point held too long can be explained."""
+    c = controller()
+    home = Server(controller()).capacity(COSTS[HOME])
+    Server(c).run([(20, 2 * home), (1.0, 0.3 * home)])
+    state = c.state()
+    assert state["index"] > 0
+    back = state["move_back_p95_ms"]
+    assert len(back) == state["index"] and all(v > 0 for v in back)
+    assert back == sorted(back, reverse=True)  # dearer points are predicted slower at the same load
+
+
 def test_never_past_the_floor_however_high_the_load():
     c = controller(max_drop=0.02)
     records = Server(c).run([(20, 5000.0)])
