@@ -25,7 +25,7 @@ predictions are scaled by observed / predicted at the current point and it moves
 scaled prediction says holds (at least one step; else the floor).
 Move back after ``hold_s`` without pressure, to the most accurate point that would hold at ``1 + headroom`` x the
 load (hysteresis in load, where the noise is) while the observed p95 <= ``low x target``. A down-move soon after
-an up-move doubles the hold (up to 8x). Per-request thresholds and budgets bypass the controller: it supplies
+an up-move doubles the hold (up to 8x); ``4 x hold_s`` at the calibrated point resets it. Per-request thresholds and budgets bypass the controller: it supplies
 only the default (``Predictor.prepare(..., default=...)``). Standard library only; thread-safe (one lock).
 """
 from __future__ import annotations
@@ -371,7 +371,9 @@ class OperatingPointController:
                 self._move(new, "down", now)
             return
         if cur == 0:
-            if now - self._last_move >= 4 * self._hold:
+            # Quiet at the calibrated point for a few base holds: whatever oscillation doubled the hold is over. (Waiting
+            # 4x the doubled hold kept a 24 s hold for 96 s, longer than the load steps it is meant to follow.)
+            if now - self._last_move >= 4 * s.hold_s:
                 self._hold = s.hold_s
             return
         back = [self.predicted_p95(j, rate * (1 + s.headroom), queue) for j in range(cur)]

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 import requests
 
 from branched.artifact import load_config
-from branched.controller import operating_points
+from branched.controller import ControllerSettings, operating_points
 
 from .answers import read_log, write_expected
 from .harness import VARIANTS, make_pool, ray_options, run_locust, say, serve, warm_up
@@ -138,20 +138,32 @@ class Sampler(threading.Thread):
         return self.samples
 
 
-def settle(url: str, images: list[bytes], read: Callable[[], Optional[tuple]], timeout: float = 90.0) -> float:
-    """Send one request every 50 ms (no thresholds) until the controller is at its calibrated point; seconds taken.
+def settle(url: str, images: list[bytes], read: Callable[[], Optional[tuple]], timeout: float = 90.0,
+           quiet_s: float = 0.0) -> float:
+    """Send one request every 50 ms (no thresholds) until the controller is at its calibrated point, then ``quiet_s``
+    more seconds there; seconds taken until it got there.
+
+    The fixed-thresholds arm runs the same server, whose controller still reacts to the load (its point is just not
+    used); ``quiet_s`` of calm at the calibrated point (``4 x hold_s`` and a margin) lets it forget the hold that arm's
+    moves doubled, so the controller arm starts as a fresh server would.
 
     Raises:
         RuntimeError: still away from it after ``timeout`` (the last point read is in the message).
     """
-    start, last, i = time.monotonic(), None, 0
-    while time.monotonic() - start < timeout:
+    start, last, i, reached = time.monotonic(), None, 0, None
+    while time.monotonic() - start < timeout + quiet_s:
         requests.post(url, data=images[i % len(images)], headers={"Content-Type": "image/png"}, timeout=60)
         i += 1
         if i % 10 == 0:
             last = read()
             if last is not None and last[0] == 0:
-                return time.monotonic() - start
+                reached = time.monotonic() - start if reached is None else reached
+                if time.monotonic() - start - reached >= quiet_s:
+                    return reached
+            elif reached is not None:
+                reached = None  # moved away again: wait for it to come back
+        if reached is None and time.monotonic() - start >= timeout:
+            break
         time.sleep(0.05)
     raise RuntimeError(f"the controller did not come back to its calibrated point within {timeout:.0f}s at a "
                        f"trickle of 20 requests/s (last point read: {last})")
@@ -208,7 +220,9 @@ def step_load(server: str, model_dir: str, out_dir: str, settings: StepSettings,
             arms, samples, logs = {}, {}, {}
             for arm in ARMS:
                 if arm == "controller":
-                    say(f"back to the calibrated point in {settle(url, pool.images, read):.1f}s")
+                    quiet = 4 * float(settings.controller.get("hold_s", ControllerSettings.hold_s)) + 2
+                    say(f"back to the calibrated point in {settle(url, pool.images, read, quiet_s=quiet):.1f}s "
+                        f"(then {quiet:g}s there)")
                 say(f"step load, {arm}: {', '.join(f'{m:g}x' for m in settings.multiples)} of "
                     f"{capacity['calibrated']:.1f} req/s, {settings.step_s:g}s each, {users} paced users")
                 prefix = os.path.join(out_dir, f"step_{arm}")

@@ -61,10 +61,11 @@ class Server:
         """Requests/s at full batches and cost fraction ``cost``."""
         return self.batch / (self.gap + self.a + self.batch * (self.v + self.u * cost))
 
-    def run(self, steps: list[tuple[float, float]]) -> list[dict]:
-        """``steps``: (seconds, arrival rate); Poisson arrivals (in groups of ``burst`` at one instant). One
-        record per request: arrival, latency, point index and its expected drop (the point it was served at)."""
-        arrivals, t0 = [], 0.0
+    def run(self, steps: list[tuple[float, float]], start: float = 0.0) -> list[dict]:
+        """``steps``: (seconds, arrival rate) from time ``start``; Poisson arrivals (in groups of ``burst`` at one
+        instant). One record per request: arrival, latency, point index and its expected drop (the point it was
+        served at)."""
+        arrivals, t0 = [], start
         for seconds, rate in steps:
             t = t0
             while True:
@@ -243,6 +244,19 @@ def test_state_says_what_the_move_back_rule_predicts_while_away_from_the_calibra
     back = state["move_back_p95_ms"]
     assert len(back) == state["index"] and all(v > 0 for v in back)
     assert back == sorted(back, reverse=True)  # dearer points are predicted slower at the same load
+
+
+def test_a_doubled_hold_is_forgotten_after_a_quiet_spell_at_the_calibrated_point():
+    """Oscillation doubles the hold (up to 8x, 24 s here). Back at the calibrated point and quiet for 4 base holds
+    (12 s), the controller starts afresh: it had kept 24 s for 96 s, longer than a load step."""
+    c = controller()
+    home = Server(controller()).capacity(COSTS[HOME])
+    Server(c).run([(20, 2 * home)])
+    assert c.index > 0
+    c._hold = 8 * c.settings.hold_s  # what two quick reversals leave behind
+    Server(c).run([(50, 0.3 * home)], start=20.0)
+    state = c.state()
+    assert state["index"] == 0 and state["hold_s"] == c.settings.hold_s, state
 
 
 def test_never_past_the_floor_however_high_the_load():
