@@ -25,8 +25,9 @@ predictions are scaled by observed / predicted at the current point and it moves
 scaled prediction says holds (at least one step; else the floor).
 Move back after ``hold_s`` without pressure, to the most accurate point that would hold at ``1 + headroom`` x the
 load (hysteresis in load, where the noise is) while the observed p95 <= ``low x target``. A down-move soon after
-an up-move doubles the hold (up to 8x); ``4 x hold_s`` at the calibrated point resets it. Per-request thresholds and budgets bypass the controller: it supplies
-only the default (``Predictor.prepare(..., default=...)``). Standard library only; thread-safe (one lock).
+an up-move doubles the hold, once per reversal (up to 8x); ``4 x hold_s`` at the calibrated point resets it.
+Per-request thresholds and budgets bypass the controller: it supplies only the default
+(``Predictor.prepare(..., default=...)``). Standard library only; thread-safe (one lock).
 """
 from __future__ import annotations
 
@@ -352,28 +353,24 @@ class OperatingPointController:
         rate, queue, busy, saturated = self._load(now)
         p95 = [self.predicted_p95(j, rate, queue) for j in range(n)]
         observed = self._observed_p95(now)
-        self._estimate = {"arrival_rate": rate, "queue": queue, "busy": busy, "saturated": saturated,
-                          "predicted_p95_ms": [1e3 * v for v in p95], "observed_p95_ms":
-                          None if observed is None else 1e3 * observed}
+        self._estimate = {"arrival_rate": rate, "queue": queue, "busy": busy, "saturated": saturated, "observed_p95_ms":
+                          None if observed is None else 1e3 * observed, "predicted_p95_ms": [1e3 * v for v in p95]}
         at_risk = p95[cur] > s.high * target
         if at_risk or (observed is not None and observed > target):
             if at_risk:  # predictive: the most accurate point predicted to hold the target, else the floor
                 new = next((j for j in range(cur + 1, n) if p95[j] <= s.high * target), n - 1)
-            else:  # reactive: the model says fine but the latencies say otherwise. Scale every prediction by how
-                # far off it is here (observed / predicted at this point) and move to the most accurate point that
-                # the corrected prediction says holds; at least one step, so an unknown error still makes progress.
+            else:  # reactive: latencies contradict the model; scale it by observed / predicted here (>= one step)
                 scale = observed / p95[cur] if 0 < p95[cur] < math.inf else math.inf
                 new = next((j for j in range(cur + 1, n) if p95[j] * scale <= s.high * target), n - 1)
             self._pressure_at = now
             if new > cur:
                 if now - self._last_up < self._hold:
                     self._hold = min(2 * self._hold, 8 * s.hold_s)
+                    self._last_up = -math.inf  # one reversal doubles it once, however many moves the way down takes
                 self._move(new, "down", now)
             return
         if cur == 0:
-            # Quiet at the calibrated point for a few base holds: whatever oscillation doubled the hold is over. (Waiting
-            # 4x the doubled hold kept a 24 s hold for 96 s, longer than the load steps it is meant to follow.)
-            if now - self._last_move >= 4 * s.hold_s:
+            if now - self._last_move >= 4 * s.hold_s:  # quiet for 4 base holds: any oscillation is over
                 self._hold = s.hold_s
             return
         back = [self.predicted_p95(j, rate * (1 + s.headroom), queue) for j in range(cur)]

@@ -259,6 +259,18 @@ def test_a_doubled_hold_is_forgotten_after_a_quiet_spell_at_the_calibrated_point
     assert state["index"] == 0 and state["hold_s"] == c.settings.hold_s, state
 
 
+def test_one_reversal_doubles_the_hold_once_however_many_moves_the_way_down_takes():
+    """Load drops (the controller moves back up), then climbs in steps within the hold: the way down takes many
+    moves, but it is one reversal, so the hold doubles once (a cascade had taken it to 8x, 24 s, in one step)."""
+    for seed in range(3):
+        c = controller()
+        home = Server(controller()).capacity(COSTS[HOME])
+        Server(c, seed=seed).run([(20, 2 * home), (4.5, 0.3 * home), (0.7, 0.9 * home), (0.7, 1.3 * home),
+                                  (0.7, 1.8 * home), (2, 2.4 * home)])
+        assert c.moves["up"] == 1 and c.moves["down"] >= 3, c.moves
+        assert c.state()["hold_s"] == 2 * c.settings.hold_s, (seed, c.state()["hold_s"])
+
+
 def test_never_past_the_floor_however_high_the_load():
     c = controller(max_drop=0.02)
     records = Server(c).run([(20, 5000.0)])
