@@ -118,7 +118,7 @@ def verdicts(arms: dict[str, list[dict[str, Any]]], slo_ms: float, floor_accurac
     fixed, ctl = arms["fixed"], arms["controller"]
     peak = max(range(len(ctl)), key=lambda i: ctl[i]["multiple"])
     lowest = min(s["multiple"] for s in ctl)
-    paired = max_drop is not None and all(s.get("drop") == s.get("drop") and "drop" in s for s in ctl if s["answers"])
+    paired = max_drop is not None and all(not math.isnan(s.get("drop", math.nan)) for s in ctl if s["answers"])
     return {
         "peak_step": peak, "slo_p95_ms": slo_ms, "floor_accuracy": floor_accuracy,
         "peak_multiple": ctl[peak]["multiple"], "floor_capacity_ratio": capacity_ratio,
