@@ -68,6 +68,8 @@ METRIC_POINT_DROP = "BranchedExpectedDrop"
 METRIC_PREDICTED_P95 = "BranchedPredictedP95"
 #: Seconds between two log lines of the controller's state while it is away from the calibrated point.
 STATE_LOG_S = 5.0
+#: The controller state's load keys that the handler's log lines show (what moved it, or keeps it away).
+LOAD_KEYS = ("arrival_rate", "busy", "saturated", "predicted_p95_ms", "observed_p95_ms")
 #: Counter: operating-point moves (dimension ``Direction``: ``down`` = cheaper, ``up``).
 METRIC_MOVES = "BranchedPointMoves"
 #: Optional request header with the time the request entered the system (a proxy's or client's clock on
@@ -200,8 +202,7 @@ class BranchedHandler(BaseHandler):
             # Away from the calibrated point: what keeps it there (load estimate, move-back predictions), now and then.
             self._logged_at = now
             logger.info("branched controller: at point %d (cost %.3f): %s", state["index"], state["cost_fraction"],
-                        {k: state.get(k) for k in ("arrival_rate", "busy", "saturated", "predicted_p95_ms",
-                                                   "observed_p95_ms", "hold_s", "move_back_p95_ms")})
+                        {k: state.get(k) for k in (*LOAD_KEYS, "hold_s", "move_back_p95_ms")})
         for direction in ("down", "up"):
             n = state[f"moves_{direction}"] - self._moves[direction]
             if n:
@@ -209,8 +210,7 @@ class BranchedHandler(BaseHandler):
                 self._moves[direction] += n
                 logger.info("branched controller: moved %s to point %d (cost %.3f, expected drop %.4f): %s",
                             direction, state["index"], state["cost_fraction"], state["expected_drop"],
-                            {k: state.get(k) for k in ("arrival_rate", "busy", "saturated", "predicted_p95_ms",
-                                                       "observed_p95_ms")})
+                            {k: state.get(k) for k in LOAD_KEYS})
 
     def _dims(self, extra: list[Dimension]) -> list[Dimension]:
         # Explicit list every time: the metrics API appends defaults to a shared mutable default otherwise.
