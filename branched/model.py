@@ -8,6 +8,7 @@ Serve one stage per deployment), so routing exists once.
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -210,12 +211,24 @@ class BranchedModel(nn.Module):
             outputs.append(ex(x))
         return outputs
 
-    def backbone_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain backbone (no exits, no LC-Net gates): logits ``[B, C]``."""
+    def backbone_forward(self, x: torch.Tensor, segment_s: Optional[list[float]] = None) -> torch.Tensor:
+        """The plain backbone (no exits, no LC-Net gates): logits ``[B, C]``.
+
+        Args:
+            segment_s: if given, each segment's wall-clock seconds are added to its entry (the head's to the
+                last); ``bench`` turns them into the speed-up the exit mix would give at these times.
+        """
         x = x.contiguous(memory_format=self.memory_format)
-        for seg in self.segments:
+        last, start = len(self.segments) - 1, time.perf_counter()
+        for k, seg in enumerate(self.segments):
             x = seg.plain_forward(x)
-        return self.exits[-1](x).logits
+            if k == last:
+                x = self.exits[-1](x).logits
+            if segment_s is not None:
+                now = time.perf_counter()
+                segment_s[k] += now - start
+                start = now
+        return x
 
     # ------------------------------------------------------------------ routing
     def step(self, k: int, features: torch.Tensor, thresholds: torch.Tensor, policy: Optional[str] = None,

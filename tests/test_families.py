@@ -560,3 +560,18 @@ def test_percentile_thresholds_give_the_asked_exit_mix():
     rates = torch.bincount(model.routed_forward(x, thr).exit_index, minlength=4).tolist()
     assert rates == [80, 10, 5, 5]
     assert percentile_thresholds(model, x, ["q20", math.inf, 0.3])[1:] == [math.inf, 0.3]
+
+
+def test_bench_splits_its_ideal_into_segment_times_and_routing():
+    from branched.build.evaluate import bench
+
+    model = make("cifar_vit_micro", 32, n_exits=3)
+    x = torch.randn(32, 3, 32, 32)
+    plain = bench(model, x, 16, [math.inf] * 3, rounds=1)
+    assert plain["time_ideal_speedup"] == pytest.approx(1.0)  # nothing exits: every segment runs for every sample
+    shares = plain["segment_time_shares"]
+    assert len(shares) == 4 and sum(shares) == pytest.approx(1.0) and min(shares) > 0
+    assert sum(plain["segment_flops_shares"]) == pytest.approx(1.0)
+    first = bench(model, x, 16, [0.0, 0.0, 0.0], rounds=1)  # all leave at exit 0: only segment 0 counts
+    assert first["time_ideal_speedup"] == pytest.approx(1.0 / first["segment_time_shares"][0])
+    assert first["routing_efficiency"] == pytest.approx(first["measured_speedup"] / first["time_ideal_speedup"])

@@ -88,6 +88,12 @@ def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Op
 
     Batches alternate between the two (full, routed, full, ...) so that both see the same machine
     state; the figures are totals over ``rounds`` passes over ``x``.
+
+    Besides the FLOPs ideal (``ideal_speedup`` = 1 / ``cost_fraction``), the plain passes time each segment:
+    ``segment_time_shares`` are their shares of the plain pass (beside ``segment_flops_shares``), and ``time_ideal_speedup`` is what the same exit
+    mix would give if routing cost nothing (no heads, no gathers) at those times. ``routing_efficiency`` =
+    measured / time ideal is then the router's own efficiency; ``efficiency`` (measured / FLOPs ideal) also
+    carries how unevenly this machine runs the segments per FLOP (e.g. memory-bound early layers).
     """
     thr = resolve_thresholds(thresholds, model.config.thresholds)
     batches = [x[i:i + batch_size] for i in range(0, len(x) - batch_size + 1, batch_size)] or [x]
@@ -96,11 +102,12 @@ def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Op
             model.backbone_forward(b)
             model.routed_forward(b, thr, policy)
     full_s = routed_s = 0.0
-    flops = []
+    segment_s = [0.0] * model.num_exits
+    flops, reached = [], torch.zeros(model.num_exits)
     for r in range(rounds):
         for b in batches:
             t0 = time.perf_counter()
-            model.backbone_forward(b)
+            model.backbone_forward(b, segment_s)
             t1 = time.perf_counter()
             out = model.routed_forward(b, thr, policy)
             t2 = time.perf_counter()
@@ -108,13 +115,22 @@ def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Op
             routed_s += t2 - t1
             if r == 0:
                 flops.append(out.cost_fraction)
+                # Samples that ran segment k: those that left at exit k or later.
+                reached += torch.bincount(out.exit_index, minlength=model.num_exits).flip(0).cumsum(0).flip(0)
     images = rounds * sum(len(b) for b in batches)
     cost_fraction = float(torch.cat(flops).mean())
     measured = full_s / routed_s
     ideal = 1.0 / cost_fraction
+    shares = torch.tensor(segment_s, dtype=torch.float64) / sum(segment_s)
+    time_ideal = 1.0 / float((shares * reached.double() / reached[0]).sum())
+    cost = model.cost
+    flops_shares = [(f + (cost.exit_flops[-1] if k == model.num_exits - 1 else 0)) / cost.backbone_flops
+                    for k, f in enumerate(cost.segment_flops)]
     return {
         "batch_size": batch_size, "images": images, "threads": torch.get_num_threads(),
         "full_images_per_s": images / full_s, "routed_images_per_s": images / routed_s,
         "measured_speedup": measured, "cost_fraction": cost_fraction, "ideal_speedup": ideal,
         "efficiency": measured / ideal, "thresholds": [float(t) for t in thr.tolist()],
+        "segment_time_shares": shares.tolist(), "segment_flops_shares": flops_shares, "time_ideal_speedup": time_ideal,
+        "routing_efficiency": measured / time_ideal,
     }
