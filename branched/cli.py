@@ -122,8 +122,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     print(f"  routed         {result['routed_images_per_s']:9.1f} img/s")
     print(f"  measured speed-up {result['measured_speedup']:.2f}x   ideal {result['ideal_speedup']:.2f}x "
           f"(cost fraction {result['cost_fraction']:.3f})   efficiency {result['efficiency']:.2f}")
-    print(f"  at this machine's segment times the exit mix would give {result['time_ideal_speedup']:.2f}x: "
-          f"routing efficiency {result['routing_efficiency']:.2f}")
+    if result["time_ideal_speedup"] is not None:
+        print(f"  at this machine's segment times the exit mix would give {result['time_ideal_speedup']:.2f}x: "
+              f"routing efficiency {result['routing_efficiency']:.2f}")
     for name in ("time", "flops"):
         shares = ", ".join(f"{s:.3f}" for s in result[f"segment_{name}_shares"])
         print(f"  segment shares of the plain pass, {name + ':':6} {shares}")

@@ -90,10 +90,12 @@ def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Op
     state; the figures are totals over ``rounds`` passes over ``x``.
 
     Besides the FLOPs ideal (``ideal_speedup`` = 1 / ``cost_fraction``), the plain passes time each segment:
-    ``segment_time_shares`` are their shares of the plain pass (beside ``segment_flops_shares``), and ``time_ideal_speedup`` is what the same exit
-    mix would give if routing cost nothing (no heads, no gathers) at those times. ``routing_efficiency`` =
-    measured / time ideal is then the router's own efficiency; ``efficiency`` (measured / FLOPs ideal) also
-    carries how unevenly this machine runs the segments per FLOP (e.g. memory-bound early layers).
+    ``segment_time_shares`` are their shares of the plain pass (beside ``segment_flops_shares``), and
+    ``time_ideal_speedup`` is what the same exit mix would give at those times if routing cost nothing (no
+    heads, no gathers). ``routing_efficiency`` = measured / time ideal is the router's own efficiency, while
+    ``efficiency`` (measured / FLOPs ideal) also carries how unevenly this machine runs the segments per FLOP
+    (memory-bound early layers, say). A model with LC-Net gates saves inside its segments, which the plain
+    pass cannot time: there both keys are None.
     """
     thr = resolve_thresholds(thresholds, model.config.thresholds)
     batches = [x[i:i + batch_size] for i in range(0, len(x) - batch_size + 1, batch_size)] or [x]
@@ -122,7 +124,8 @@ def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Op
     measured = full_s / routed_s
     ideal = 1.0 / cost_fraction
     shares = torch.tensor(segment_s, dtype=torch.float64) / sum(segment_s)
-    time_ideal = 1.0 / float((shares * reached.double() / reached[0]).sum())
+    # LC-Net gates save inside segments, which the plain pass's times cannot show: no time ideal for them.
+    time_ideal = None if model.config.dynamic else 1.0 / float((shares * reached.double() / reached[0]).sum())
     cost = model.cost
     flops_shares = [(f + (cost.exit_flops[-1] if k == model.num_exits - 1 else 0)) / cost.backbone_flops
                     for k, f in enumerate(cost.segment_flops)]
@@ -131,6 +134,7 @@ def bench(model: BranchedModel, x: torch.Tensor, batch_size: int, thresholds: Op
         "full_images_per_s": images / full_s, "routed_images_per_s": images / routed_s,
         "measured_speedup": measured, "cost_fraction": cost_fraction, "ideal_speedup": ideal,
         "efficiency": measured / ideal, "thresholds": [float(t) for t in thr.tolist()],
-        "segment_time_shares": shares.tolist(), "segment_flops_shares": flops_shares, "time_ideal_speedup": time_ideal,
-        "routing_efficiency": measured / time_ideal,
+        "segment_time_shares": shares.tolist(), "segment_flops_shares": flops_shares,
+        "time_ideal_speedup": time_ideal,
+        "routing_efficiency": None if time_ideal is None else measured / time_ideal,
     }
