@@ -214,7 +214,7 @@ class Baseline:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run_batch(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
-        return await asyncio.to_thread(self._predict, prepared)
+        return self._predict(prepared)  # on the loop's thread, as the stages (ray_app.stages.run_and_forward)
 
     def _predict(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
         device = next(self.predictor.model.parameters()).device
