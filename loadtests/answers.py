@@ -1,8 +1,8 @@
 """Each pool image's own answer (computed offline), and what a run's per-request log says over time.
 
-:func:`write_expected` answers every pool image alone, through the same :class:`branched.serving.Predictor`
-the servers use, so the locustfile (``--expected``) can check that every 200 answer belongs to its own
-request. :func:`read_log` reads the locustfile's ``--answers-log``; :func:`per_window` gives latency
+:func:`write_expected` answers every pool image, in batches as a server does, through the same
+:class:`branched.serving.Predictor` the servers use, so the locustfile (``--expected``) can check that every
+200 answer belongs to its own request. :func:`read_log` reads the locustfile's ``--answers-log``; :func:`per_window` gives latency
 percentiles and throughput per minute, :func:`recovery` what a fault did to the answer stream.
 """
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 import torch
 
 from branched.routing import exit_score, resolve_thresholds
-from branched.serving import Predictor
+from branched.errors import RequestError
+from branched.serving import Predictor, Prepared
 
-__all__ = ["write_expected", "LogRow", "read_log", "percentile", "per_window", "recovery", "BORDERLINE"]
+__all__ = ["write_expected", "write_expected_points", "LogRow", "read_log", "percentile", "per_window", "recovery", "BORDERLINE"]
 
 # A score this close to its threshold may route either way between a batch and a single sample
 # (float noise is ~1e-7); such an image's answer is accepted on either route and counted apart.
@@ -38,36 +39,58 @@ def write_expected(model_dir: str, pool_dir: str, out_path: str, baseline: bool 
         thresholds: the early exits' thresholds to answer at (default: the model's own), e.g. an operating
             point of the load controller.
     """
-    predictor = Predictor(model_dir, baseline=baseline)
-    if thresholds is not None:
-        predictor.default_thresholds = resolve_thresholds(list(thresholds), predictor.config.thresholds)
-    names = sorted(n for n in os.listdir(pool_dir) if n.endswith(".png"))
-    expected = {}
-    for name in names:
-        with open(os.path.join(pool_dir, name), "rb") as f:
-            data = f.read()
-        answer = predictor.answer_batch([(data, {})])[0]  # one at a time: the answer it gets alone
-        if not isinstance(answer, dict):
-            raise ValueError(f"pool image {name} is rejected by the model: {answer}")
-        expected[name] = {"class_index": answer["class_index"], "exit": answer["exit"],
-                          "confidence": answer["confidence"],
-                          "borderline": _borderline(predictor, data, answer["exit"])}
-    with open(out_path, "w") as f:
-        json.dump(expected, f, indent=1)
-    return out_path
+    return write_expected_points(model_dir, pool_dir, [(out_path, thresholds)], baseline)[0]
 
 
 @torch.inference_mode()
-def _borderline(predictor: Predictor, data: bytes, exit_taken: int) -> bool:
+def write_expected_points(model_dir: str, pool_dir: str, points: Sequence[tuple[str, Optional[Sequence[float]]]],
+                          baseline: bool = False, batch_size: int = 64) -> list[str]:
+    """:func:`write_expected` at several thresholds (``(out_path, thresholds)`` each) from one decode of the pool.
+
+    The pool is answered in batches, as a server batches requests: a batch answers as its samples do alone but
+    for float noise (~1e-7), and an image whose score lies within :data:`BORDERLINE` of a threshold it reached is
+    marked ``borderline`` (either route is accepted for it). Every exit's score comes from one full pass.
+
+    Raises:
+        ValueError: a pool image the model rejects.
+    """
+    predictor = Predictor(model_dir, baseline=baseline)
+    names = sorted(n for n in os.listdir(pool_dir) if n.endswith(".png"))
+    images = []
+    for name in names:
+        with open(os.path.join(pool_dir, name), "rb") as f:
+            data = f.read()
+        try:
+            images.append(predictor.prepare(data).image)
+        except RequestError as exc:
+            raise ValueError(f"pool image {name} is rejected by the model: {exc}") from None
+    x = torch.stack(images) if images else torch.empty(0)
+    model, policy = predictor.model, predictor.config.policy
+    side_exits = len(predictor.default_thresholds)
+    scores = torch.cat([torch.stack([exit_score(o, policy) for o in model(b)[:side_exits]], dim=1)
+                        for b in x.split(batch_size)]) if side_exits and images else None
+    paths = []
+    for out_path, thresholds in points:
+        thr = predictor.default_thresholds if thresholds is None else \
+            resolve_thresholds(list(thresholds), predictor.config.thresholds)
+        answers = [a for b in x.split(batch_size)
+                   for a in predictor.predict([Prepared(image, thr) for image in b])]
+        expected = {}
+        for i, (name, answer) in enumerate(zip(names, answers)):
+            expected[name] = {"class_index": answer["class_index"], "exit": answer["exit"],
+                              "confidence": answer["confidence"],
+                              "borderline": scores is not None and _borderline(scores[i], thr, answer["exit"])}
+        with open(out_path, "w") as f:
+            json.dump(expected, f, indent=1)
+        paths.append(out_path)
+    return paths
+
+
+def _borderline(scores: torch.Tensor, thresholds: torch.Tensor, exit_taken: int) -> bool:
     """Whether a score of an exit the image reached lies within :data:`BORDERLINE` of its threshold."""
-    model = predictor.model
-    thresholds = predictor.default_thresholds.tolist()
-    if not thresholds:
-        return False
-    outs = model(predictor.prepare(data).image.unsqueeze(0))
     for k in range(min(exit_taken + 1, len(thresholds))):
-        score = float(exit_score(outs[k], model.config.policy)[0])
-        if math.isfinite(thresholds[k]) and abs(score - thresholds[k]) < BORDERLINE:
+        t = float(thresholds[k])
+        if math.isfinite(t) and abs(float(scores[k]) - t) < BORDERLINE:
             return True
     return False
 

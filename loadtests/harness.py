@@ -113,9 +113,9 @@ class Pool:
 
 
 def make_pool(model_dir: str, out_dir: str, size: int, variants: Sequence[str] = VARIANTS) -> Pool:
-    """Write ``size`` test-split images of the model's dataset and each image's answer alone, per variant.
+    """Write ``size`` test-split images of the model's dataset and each image's own answer, per variant.
 
-    Every image is answered offline, one at a time, by the core (``expected_VARIANT.json``); the
+    Every image is answered offline, in batches, by the core (``expected_VARIANT.json``); the
     locustfile fails any served answer that is not its own request's.
     """
     config = load_config(model_dir)
@@ -128,7 +128,7 @@ def make_pool(model_dir: str, out_dir: str, size: int, variants: Sequence[str] =
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".png")):
         with open(os.path.join(folder, name), "rb") as f:
             images.append(f.read())
-    say(f"expected answers of {len(images)} pool images, one at a time")
+    say(f"expected answers of {len(images)} pool images")
     expected = {v: write_expected(model_dir, folder, os.path.join(out_dir, f"expected_{v}.json"), v == "baseline")
                 for v in variants}
     return Pool(folder, images, expected)

@@ -33,7 +33,7 @@ import requests
 from branched.artifact import load_config
 from branched.controller import ControllerSettings, operating_points
 
-from .answers import read_log, write_expected
+from .answers import read_log, write_expected_points
 from .harness import VARIANTS, make_pool, ray_options, run_locust, say, serve, warm_up
 from .report import read_run
 from .stepreport import series, step_rows, verdicts, write_step_report
@@ -84,9 +84,9 @@ def ladder_expected(model_dir: str, pool_folder: str, out_dir: str, ladder) -> t
         labels = json.load(f)
     merged: dict[str, list] = {}
     accuracy = []
-    for p in ladder:
-        path = write_expected(model_dir, pool_folder, os.path.join(out_dir, f"expected_point{p.index}.json"),
-                              thresholds=p.thresholds)
+    paths = write_expected_points(model_dir, pool_folder, [(os.path.join(out_dir, f"expected_point{p.index}.json"),
+                                                            p.thresholds) for p in ladder])
+    for path in paths:
         with open(path) as f:
             answers = json.load(f)
         for name, answer in answers.items():
