@@ -31,7 +31,7 @@ from typing import Any, Optional
 import psutil
 import requests
 
-from .launchers import REPO_ROOT, free_port, wait_for
+from .launchers import REPO_ROOT, free_ports, wait_for
 
 __all__ = ["RayNode", "LocalCluster", "node_processes", "RAY", "SERVE"]
 
@@ -78,8 +78,7 @@ class RayNode:
         # Unix sockets live under the temp dir: keep the path short (108 bytes at most).
         self.temp_dir = temp_dir or tempfile.mkdtemp(prefix=f"rn{name}-", dir="/tmp")
         self.log_path = os.path.join(workdir, f"ray-start-{name}.log")
-        self.port = free_port() if head_address is None else None
-        self.dashboard_port = free_port() if head_address is None else None
+        self.port, self.dashboard_port = free_ports(2) if head_address is None else (None, None)
         self.pgid: Optional[int] = None
 
     @property
@@ -97,11 +96,13 @@ class RayNode:
                "--object-store-memory", str(self.object_store_mb * 2 ** 20),
                "--resources", json.dumps({f"node_{self.name}": 1}), "--labels", f"branched-node={self.name}",
                "--disable-usage-stats", "--min-worker-port", "0", "--max-worker-port", "0"]
+        # Never Ray's fixed defaults, which another Ray may hold; distinct, and not the head's own two ports.
+        ports = iter(free_ports(7, exclude={self.port, self.dashboard_port}))
         for flag in ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                      "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"):
-            cmd += [flag, str(free_port())]  # never Ray's fixed defaults, which another Ray may hold
+            cmd += [flag, str(next(ports))]
         if self.is_head:
-            cmd += ["--head", "--port", str(self.port), "--ray-client-server-port", str(free_port()),
+            cmd += ["--head", "--port", str(self.port), "--ray-client-server-port", str(next(ports)),
                     "--include-dashboard", "true", "--dashboard-host", self.ip,
                     "--dashboard-port", str(self.dashboard_port)]
         else:

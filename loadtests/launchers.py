@@ -23,11 +23,11 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Collection, Mapping, Optional, Sequence
 
 import requests
 
-__all__ = ["TorchServe", "RayServe", "free_port", "wait_for", "REPO_ROOT"]
+__all__ = ["TorchServe", "RayServe", "free_port", "free_ports", "wait_for", "REPO_ROOT"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # config.properties lives here
 TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
@@ -35,9 +35,29 @@ TORCHSERVE = os.path.join(os.path.dirname(sys.executable), "torchserve")
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, exclude: Collection[int] = ()) -> list[int]:
+    """``n`` distinct TCP ports on 127.0.0.1 that are free right now, none in ``exclude``.
+
+    The sockets stay bound until all ``n`` are chosen: one port at a time, the OS may hand out the same port
+    twice (a `ray start` with two components on one port refuses to start).
+    """
+    sockets: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in exclude:
+                ports.append(port)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, poll: float = 0.3) -> Any:

@@ -28,7 +28,7 @@ from branched.build.datasets import load_split
 from branched.cli import main as cli_main
 from branched.serving import Predictor
 from loadtests.cluster import LocalCluster, node_processes
-from loadtests.launchers import RayServe
+from loadtests.launchers import RayServe, free_ports
 from loadtests.procs import session_processes
 from ray_app.placement import demand_totals, place_deployments, unplaceable
 
@@ -96,6 +96,13 @@ def post_all(url: str, images: list[bytes], params=None) -> list[dict]:
                                   images))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     return [r.json() for r in responses]
+
+
+def test_free_ports_are_distinct_and_skip_the_excluded():
+    # A node's `ray start` takes seven ports at once; one port given twice stops it ("used by other components").
+    taken = set(free_ports(2))
+    ports = free_ports(50, exclude=taken)
+    assert len(set(ports)) == 50 and not taken & set(ports)
 
 
 @pytest.mark.server
