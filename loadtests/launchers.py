@@ -337,12 +337,16 @@ class RayServe:
             return ""
 
     def stop(self) -> None:
-        """SIGINT (graceful ``serve.shutdown``), then SIGKILL whatever is left of the group."""
+        """SIGINT to the server alone (graceful ``serve.shutdown``), then SIGKILL whatever is left of the group.
+
+        Not SIGINT to the whole group: Ray's own processes would stop under ``serve.shutdown``, which then waits
+        30 s for a controller that is gone.
+        """
         if self.proc is None:
             return
         pgid = self.proc.pid
         try:
-            os.killpg(pgid, signal.SIGINT)
+            self.proc.send_signal(signal.SIGINT)
             self.proc.wait(timeout=60)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass

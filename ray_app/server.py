@@ -147,6 +147,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # A new HTTP proxy gets 5 s to report ready by default; on a small, busy machine importing it takes longer.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    # A direct-ingress replica drains for 30 s by default before it stops, so that a load balancer in front can
+    # notice; this server's clients talk to it directly, so Ctrl-C would wait 30 s for nothing (and serve.shutdown
+    # gives up on the controller at 30 s). Requests in flight still finish (graceful_shutdown_timeout_s).
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     variables = apply(args.profile, dict(args.env))  # before Ray or ray.serve is imported
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
