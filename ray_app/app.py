@@ -214,9 +214,7 @@ class Baseline:
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def run_batch(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
-        return self._predict(prepared)  # on the loop's thread, as the stages (ray_app.stages.run_and_forward)
-
-    def _predict(self, prepared: list[Prepared]) -> list[dict[str, Any]]:
+        # On the loop's thread, as the stages (ray_app.stages.run_and_forward says why).
         device = next(self.predictor.model.parameters()).device
         return self.predictor.predict([Prepared(p.image.to(device), p.thresholds.to(device)) for p in prepared])
 
