@@ -196,6 +196,9 @@ def _build_command(sub) -> None:
     g.add_argument("--augment", choices=["none", "crop", "crop_flip"], help="backbone training augmentation")
     g.add_argument("--exit-epochs", type=int, help="exit post-training epochs")
     g.add_argument("--exit-lr", type=float, help="exit peak learning rate (AdamW, one-cycle)")
+    g.add_argument("--exit-augment", choices=["none", "crop", "crop_flip"], default="none",
+                   help="exit training augmentation (default none: the backbone's features are computed once and "
+                        "cached; with augmentation the frozen backbone runs on every batch, slower)")
     g.add_argument("--objective", default="pteenet", choices=["pteenet", "ce", "kd"],
                    help="exit loss: PTEENet/EENets confidence-weighted mixture + cost, per-exit CE, or knowledge "
                         "distillation from the backbone (kd, with --distill 1 --temperature 2)")

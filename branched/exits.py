@@ -105,6 +105,16 @@ class ExitSpec:
             raise ValueError(f"exit pool must be one of {EXIT_POOLS}, got {self.pool!r}")
 
 
+def _avg_and_max(x: torch.Tensor, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average and max pooling of a conv map down to ``cells x cells``."""
+    h, w = x.shape[-2:]
+    if h % cells == 0 and w % cells == 0:
+        # The same windows as the adaptive pools, which on CPU run about 1.4x slower on channels-last maps.
+        window = (h // cells, w // cells)
+        return nn.functional.avg_pool2d(x, window), nn.functional.max_pool2d(x, window)
+    return nn.functional.adaptive_avg_pool2d(x, cells), nn.functional.adaptive_max_pool2d(x, cells)
+
+
 class PooledMaps(nn.Module):
     """The weightless half of SDN's feature reduction: average and max pooling to ``cells x cells``, stacked
     as ``[B, 2, C, cells, cells]``."""
@@ -114,13 +124,7 @@ class PooledMaps(nn.Module):
         self.cells = cells
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        if h % self.cells == 0 and w % self.cells == 0:
-            # The same windows as the adaptive pools, which on CPU run about 1.4x slower on channels-last maps.
-            window = (h // self.cells, w // self.cells)
-            return torch.stack([nn.functional.avg_pool2d(x, window), nn.functional.max_pool2d(x, window)], 1)
-        return torch.stack([nn.functional.adaptive_avg_pool2d(x, self.cells),
-                            nn.functional.adaptive_max_pool2d(x, self.cells)], 1)
+        return torch.stack(_avg_and_max(x, self.cells), 1)
 
 
 class MixedPool(nn.Module):
@@ -133,6 +137,26 @@ class MixedPool(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         a = torch.sigmoid(self.mix)
         return (a * pooled[:, 1] + (1 - a) * pooled[:, 0]).flatten(1)
+
+
+class _ServingMixedPool(nn.Module):
+    """:class:`PooledMaps` and :class:`MixedPool` in one, for serving: two pools and one ``lerp``, no stack."""
+
+    def __init__(self, cells: int, a: float) -> None:
+        super().__init__()
+        self.cells, self.a = cells, a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, mx = _avg_and_max(x, self.cells)
+        return torch.lerp(avg, mx, self.a).flatten(1)
+
+
+def _fold_affine_into(scale: torch.Tensor, shift: torch.Tensor, linear: nn.Linear) -> nn.Linear:
+    """``linear(x * scale + shift)`` as one linear layer."""
+    folded = nn.Linear(linear.in_features, linear.out_features).to(linear.weight.dtype)
+    folded.weight.copy_(linear.weight * scale)
+    folded.bias.copy_(linear.bias + linear.weight @ shift)
+    return folded
 
 
 class _Mean(nn.Module):
@@ -217,6 +241,7 @@ class ExitBranch(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.classifier = nn.Linear(width, num_classes)
         self.confidence = nn.Linear(width, 1)
+        self.joint: Optional[nn.Linear] = None  # set by fold_for_inference()
 
     def forward(self, x: torch.Tensor) -> ExitOutput:
         return self.head(self.reduce(x))
@@ -224,7 +249,40 @@ class ExitBranch(nn.Module):
     def head(self, reduced: torch.Tensor) -> ExitOutput:
         """The exit's weighted part, on ``reduce(x)``."""
         pooled = self.mlp(self.norm(self.pool(self.features(reduced))))
+        if self.joint is not None:  # folded for serving: class logits and confidence from one matmul
+            z = self.joint(pooled)
+            return ExitOutput(z[:, :-1], torch.sigmoid(z[:, -1]))
         return ExitOutput(self.classifier(pooled), torch.sigmoid(self.confidence(pooled)).squeeze(1))
+
+    @torch.no_grad()
+    def fold_for_inference(self) -> "ExitBranch":
+        """Serving only, in place: fewer, larger ops for the same answers (to float rounding).
+
+        The classifier and the confidence head become one linear layer. An SDN head's pools and mix become two
+        pools and a ``lerp`` (no stacked copy), and its batch norm is folded into the linear layer after it.
+        A folded exit can no longer be trained, cached (``reduce`` now mixes) or saved.
+        """
+        if self.training:
+            raise RuntimeError("fold_for_inference() is for serving: call .eval() first")
+        if self.joint is not None:
+            return self
+        joint = nn.Linear(self.classifier.in_features, self.classifier.out_features + 1).to(
+            self.classifier.weight.dtype)
+        joint.weight.copy_(torch.cat([self.classifier.weight, self.confidence.weight]))
+        joint.bias.copy_(torch.cat([self.classifier.bias, self.confidence.bias]))
+        if isinstance(self.reduce, PooledMaps):
+            mix, norm, *rest = self.pool
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            shift = norm.bias - norm.running_mean * scale
+            self.reduce = _ServingMixedPool(self.reduce.cells, float(torch.sigmoid(mix.mix)))
+            if rest:  # hidden layer: the norm folds into it
+                self.pool = nn.Sequential(_fold_affine_into(scale, shift, rest[0]), *rest[1:])
+            else:  # the norm feeds the classifier and confidence head directly
+                self.pool = nn.Identity()
+                joint = _fold_affine_into(scale, shift, joint)
+        self.joint = joint
+        del self.classifier, self.confidence
+        return self
 
 
 class BackboneHeadExit(nn.Module):

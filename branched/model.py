@@ -159,8 +159,10 @@ class BranchedModel(nn.Module):
                 except Exception:  # noqa: BLE001 - untraceable block: keep it unfused
                     pass
         for ex in self.exits[:-1]:
-            if isinstance(ex, ExitBranch) and _has_batchnorm(ex.features):  # a dropped stage's exit is an Identity
-                ex.features = fuse(ex.features)
+            if isinstance(ex, ExitBranch):  # a dropped stage's exit is an Identity
+                if _has_batchnorm(ex.features):
+                    ex.features = fuse(ex.features)
+                ex.fold_for_inference()
         if channels_last and all(lay == "nchw" for lay in self.feature_layouts):
             self.memory_format = torch.channels_last
             self.to(memory_format=torch.channels_last)
@@ -338,10 +340,11 @@ class BranchedModel(nn.Module):
             r = self.step(k, features, thr, policy, flops)
             if r.exited.numel():
                 where = active if r.exited.numel() == active.numel() else active.index_select(0, r.exited)
-                logits[where] = r.logits.to(logits.dtype)
-                exit_index[where] = k
-                score[where] = r.score.to(score.dtype)
-                spent[where] = r.exited_flops
+                # index_copy_ / index_fill_: several times cheaper than ``t[where] = v`` (advanced indexing).
+                logits.index_copy_(0, where, r.logits.to(logits.dtype))
+                exit_index.index_fill_(0, where, k)
+                score.index_copy_(0, where, r.score.to(score.dtype))
+                spent.index_copy_(0, where, r.exited_flops)
             if r.survivors.numel() == 0:
                 break
             if r.survivors.numel() != active.numel():

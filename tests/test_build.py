@@ -263,9 +263,11 @@ def test_sdn_exits_after_every_block_build_and_serve(tiny_build, tmp_path, capsy
     tiny = [a for a in TINY if a != "--quiet"]
     tiny[tiny.index("--exits") + 1] = "all"
     code, stdout, _ = run_cli(capsys, "build", "--out", str(out), "--resume", "--exit-kind", "sdn", "--exit-hidden", "16",
-                              "--objective", "kd", "--distill", "1", "--temperature", "2", "--max-drop", "0.05", *tiny)
+                              "--objective", "kd", "--distill", "1", "--temperature", "2", "--max-drop", "0.05",
+                              "--exit-augment", "crop_flip", *tiny)
     assert code == 0, stdout
     model = load_model(str(out))
+    assert model.config.meta["training"]["exits"]["augment"] == "crop_flip"
     cal = model.config.meta["calibration"]
     kept = [e.after for e in model.config.exits]
     assert len(kept) + len(cal.get("dropped_exits", [])) == 9  # cifar_resnet20: stem + 9 blocks, the last has none

@@ -241,6 +241,35 @@ def test_sdn_exits_route_round_trip_and_cost_under_one_percent(tmp_path):
     served = load_model(str(tmp_path / "m")).optimize_for_inference()
     assert torch.equal(served.routed_forward(x, thr).class_index, out.class_index)
 
+@pytest.mark.parametrize("kind,hidden,size", [("sdn", 32, 16), ("sdn", 0, 16), ("sdn", 8, 6), ("conv", 0, 16),
+                                              ("linear", 0, 16), ("mlp", 0, 16)])
+def test_folding_an_exit_for_serving_keeps_its_answers_in_fewer_ops(kind, hidden, size):
+    """fold_for_inference: one matmul for classifier and confidence; an SDN head's batch norm folded into the
+    linear layer after it (trained statistics, not the identity ones) and its pools mixed without a stack."""
+    from branched.exits import ExitBranch
+    torch.manual_seed(0)
+    ex = ExitBranch(12, 5, kind, depth=1, cells=4, hidden=hidden)
+    for m in ex.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    if kind == "sdn":
+        ex.pool[0].mix.data.fill_(0.7)
+    ex.eval()
+    x = torch.randn(7, 12, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = ex(x)
+        with pytest.raises(RuntimeError, match="call .eval"):
+            ExitBranch(12, 5, kind).train().fold_for_inference()
+        got = ex.fold_for_inference()(x)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.confidence, want.confidence, rtol=1e-5, atol=1e-6)
+    assert not hasattr(ex, "classifier") and isinstance(ex.joint, torch.nn.Linear)
+    if kind == "sdn":
+        assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in ex.modules())
+    assert ex.fold_for_inference() is ex  # a second call changes nothing
+
+
 @pytest.mark.parametrize("shape,channels_last", [((6, 8, 5, 7), True), ((6, 8, 5, 7), False), ((6, 1, 4, 4), True),
                                                  ((6, 9, 16), False)])
 def test_take_rows_gathers_like_indexing_and_keeps_the_memory_format(shape, channels_last):

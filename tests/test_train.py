@@ -123,3 +123,24 @@ def test_train_exits_leaves_the_backbone_untouched_and_caching_changes_nothing(k
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     changed = [not torch.equal(a, b) for a, b in zip(cached.exits[:-1].parameters(), build().exits[:-1].parameters())]
     assert all(changed), "every exit parameter should have been trained"
+
+
+def test_exit_augmentation_trains_on_the_live_backbone_and_changes_the_exits():
+    """With augmentation the features cannot be cached: the frozen backbone runs on every augmented batch."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+
+    def trained(augment):
+        torch.manual_seed(0)
+        bb = build_backbone("cifar_resnet20", 4)
+        cfg = ModelConfig(backbone="cifar_resnet20", num_classes=4, input_size=8,
+                          exits=place_exits(bb, 8, 2, kind="sdn", cells=2, hidden=8))
+        model = BranchedModel(cfg, bb)
+        before = {k: v.clone() for k, v in model.segments.state_dict().items()}
+        settings = FitSettings(epochs=1, batch_size=32, lr=0.01, optimizer="adamw", progress=False, augment=augment)
+        train_exits(model, x, y, settings, ExitObjective("kd", distill=1.0, temperature=2.0))
+        assert all(torch.equal(v, before[k]) for k, v in model.segments.state_dict().items())
+        return model
+
+    plain, augmented = trained("none"), trained("crop_flip")
+    assert any(not torch.equal(a, b) for a, b in zip(plain.exits[:-1].parameters(), augmented.exits[:-1].parameters()))

@@ -139,7 +139,7 @@ def run_build(settings: BuildSettings) -> dict:
     exit_fit = FitSettings(epochs=_recipe_value(s, "exit_epochs", recipe),
                            batch_size=_recipe_value(s, "batch_size", recipe),
                            lr=_recipe_value(s, "exit_lr", recipe), optimizer="adamw", weight_decay=1e-4,
-                           device=s.device, seed=s.seed, progress=progress)
+                           augment=s.exit_augment, device=s.device, seed=s.seed, progress=progress)
     if s.dynamic:
         gated, training["gates"] = steps.gates(model, s, tensors["train"], progress)
         seconds["gates"] = time.perf_counter() - t0

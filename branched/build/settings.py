@@ -83,6 +83,7 @@ class BuildSettings:
     augment: Optional[str] = None
     exit_epochs: Optional[int] = None
     exit_lr: Optional[float] = None
+    exit_augment: str = "none"
     objective: str = "pteenet"
     cost_weight: float = 0.5
     ce_weight: float = 0.5
