@@ -215,7 +215,9 @@ def _build_command(sub) -> None:
     b.add_argument("--max-cost", type=float, help="compute budget: at most this fraction of the backbone's FLOPs")
     g.add_argument("--delta", type=float, default=0.1, help="the guarantee holds with probability >= 1 - delta")
     g.add_argument("--family", default="fixed_sequence", choices=["fixed_sequence", "bonferroni"])
-    g.add_argument("--p-value", default="binomial", choices=["binomial", "hoeffding_bentkus"])
+    g.add_argument("--p-value", choices=["binomial", "hoeffding_bentkus", "paired", "clopper_pearson_pair"],
+                   help="the test's p-value: binomial (default) or hoeffding_bentkus for --loss harm; paired (default: "
+                        "an exact test of the paired difference) or clopper_pearson_pair for --loss net")
     g.add_argument("--select", default="ltt", choices=["ltt", "empirical"],
                    help="ship the cheapest certified point (ltt) or the cheapest within budget on calibration data")
     g.add_argument("--path-fraction", type=float, default=0.3, help="calibration share that orders the sweep")

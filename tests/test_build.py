@@ -55,6 +55,13 @@ def test_unknown_dataset_lists_the_known_ones(tmp_path, capsys):
     assert code == 2 and "mnist5k" in err and "cifar10" in err
 
 
+@pytest.mark.parametrize("loss,p_value", [("harm", "paired"), ("net", "binomial")])
+def test_a_p_value_that_does_not_fit_the_loss_is_a_one_line_error(tmp_path, capsys, loss, p_value):
+    code, out, err = run_cli(capsys, "build", "--out", str(tmp_path / "m"), "--loss", loss, "--p-value", p_value)
+    assert code == 2 and out == "" and err.count("\n") == 1 and f"--loss {loss} takes --p-value" in err
+    assert not (tmp_path / "m").exists()
+
+
 # ---------------------------------------------------------------- torchvision's formats, read for real
 def _skip_checksums(monkeypatch):
     # Our files are tiny stand-ins, so torchvision's MD5 check of the real archives cannot pass;

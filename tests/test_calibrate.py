@@ -231,7 +231,7 @@ def test_net_drop_test_keeps_its_level_at_the_null_boundary():
 def test_net_loss_certifies_the_drop_and_a_cheaper_point_when_exits_fix_backbone_errors():
     rec = synthetic(4000, 5)
     harm = calibrate(rec, max_drop=0.02, delta=0.1)
-    net = calibrate(rec, max_drop=0.02, delta=0.1, loss="net")
+    net = calibrate(rec, max_drop=0.02, delta=0.1, loss="net", p_value_method="clopper_pearson_pair")
     g = net.report["guarantee"]
     assert g["loss_name"] == "net" and "Clopper-Pearson" in g["loss"] and g["p_value"] == "clopper_pearson_pair"
     assert net.report["cost_fraction"] < harm.report["cost_fraction"]
@@ -244,6 +244,49 @@ def test_net_loss_certifies_the_drop_and_a_cheaper_point_when_exits_fix_backbone
         calibrate(rec, max_drop=0.02, loss="mean")
     spent = calibrate(rec, max_cost=0.5, loss="net")  # a compute budget states a bound on the drop itself
     assert 0 <= spent.report["guarantee"]["drop_bound"] < 1
+
+
+@pytest.mark.parametrize("harm,help_", [(0.03, 0.02), (0.10, 0.09), (0.01, 0.0)])
+def test_paired_drop_test_keeps_its_level_at_the_null_boundary(harm, help_):
+    """Drop exactly epsilon, at little and at much disagreement: the paired test rejects at most delta of the time."""
+    from branched.build.guarantee import paired_drop_p_value
+    rng = np.random.default_rng(11)
+    n, eps, delta, trials = 1500, 0.01, 0.2, 300
+    counts = rng.multinomial(n, [harm, help_, 1 - harm - help_], size=trials)
+    rejections = sum(paired_drop_p_value(int(h), int(g), n, eps, delta / 100) <= delta for h, g, _ in counts)
+    assert rejections <= trials * delta
+
+
+def test_paired_drop_test_is_tighter_than_two_clopper_pearson_bounds_and_its_bound_matches_its_p_value():
+    from branched.build.guarantee import (net_drop_p_value, net_drop_upper_bound, paired_drop_p_value,
+                                          paired_drop_upper_bound)
+    n, harms, helps = 2800, 60, 45
+    paired, pair = paired_drop_upper_bound(harms, helps, n, 0.1), net_drop_upper_bound(harms, helps, n, 0.1)
+    assert (harms - helps) / n < paired < pair  # ~1.10 pt against ~1.41 pt here
+    assert paired_drop_p_value(harms, helps, n, 0.012, 0.001) <= 0.1 < net_drop_p_value(harms, helps, n, 0.012)
+    for eps in (paired - 0.0005, paired + 0.0005):  # p <= delta exactly when the bound at delta is within epsilon
+        assert (paired_drop_p_value(harms, helps, n, eps, 0.001) <= 0.1) == (paired <= eps)
+    assert paired_drop_p_value(60, 20, n, 0.01) == 1.0  # observed drop above epsilon
+    assert samples_needed(0.012, 0.01, 0.1, help_rate=0.008) < samples_needed(0.012, 0.01, 0.1, "clopper_pearson_pair",
+                                                                              help_rate=0.008)
+
+
+def test_net_loss_defaults_to_the_paired_test_and_certifies_at_least_as_cheap_a_point():
+    rec = synthetic(4000, 5)
+    pair = calibrate(rec, max_drop=0.02, loss="net", p_value_method="clopper_pearson_pair")
+    paired = calibrate(rec, max_drop=0.02, loss="net")
+    g = paired.report["guarantee"]
+    assert g["p_value"] == "paired" and "paired difference" in g["loss"]
+    assert paired.report["cost_fraction"] <= pair.report["cost_fraction"]
+    assert sum(paired.certified) >= sum(pair.certified)
+    population = synthetic(200_000, 98).point(paired.thresholds)
+    # The population is a sample too: its drop carries a standard error of sqrt(disagreement share / 200,000).
+    disagree = population["risk"] + (population["risk"] - population["drop"])
+    assert population["drop"] <= 0.02 + 3 * math.sqrt(disagree / 200_000)
+    with pytest.raises(ValueError, match="the net loss takes p-value paired or clopper_pearson_pair"):
+        calibrate(rec, max_drop=0.02, loss="net", p_value_method="binomial")
+    with pytest.raises(ValueError, match="the harm loss takes p-value"):
+        calibrate(rec, max_drop=0.02, p_value_method="paired")
 
 
 def test_samples_needed_for_the_net_drop():

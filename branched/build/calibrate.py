@@ -35,8 +35,9 @@ from typing import Optional
 
 import numpy as np
 
-from .guarantee import (FAMILIES, LOSSES, binomial_upper_bound, crc_last_valid, ltt_certify, net_drop_p_value,
-                        net_drop_upper_bound, p_value, samples_needed)
+from .guarantee import (FAMILIES, LOSSES, NET_P_VALUES, P_VALUES, binomial_upper_bound, crc_last_valid, ltt_certify,
+                        net_drop_p_value, net_drop_upper_bound, p_value, paired_drop_p_value, paired_drop_upper_bound,
+                        samples_needed)
 from .records import ExitRecords
 
 __all__ = ["split_calibration", "choose_policy", "Calibration", "threshold_path", "calibrate", "GUARANTEES"]
@@ -234,7 +235,7 @@ def _pareto_curve(points: list[dict], limit: int) -> list[dict]:
 
 
 def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: Optional[float] = None,
-              delta: float = 0.1, family: str = "fixed_sequence", p_value_method: str = "binomial",
+              delta: float = 0.1, family: str = "fixed_sequence", p_value_method: Optional[str] = None,
               select: str = "ltt", path_fraction: float = 0.3, levels: int = 50, seed: int = 0,
               curve_points: int = 64, guarantee: str = "ltt", loss: str = "harm",
               path_head_costs: Optional[np.ndarray] = None) -> Calibration:
@@ -247,7 +248,8 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
         max_cost: compute budget: the most accurate point with expected cost fraction <= this.
         delta: 1 - confidence of the guarantee.
         family: ``"fixed_sequence"`` or ``"bonferroni"`` (:func:`ltt_certify`).
-        p_value_method: ``"binomial"`` or ``"hoeffding_bentkus"`` (:func:`p_value`).
+        p_value_method: for the ``harm`` loss ``"binomial"`` (default) or ``"hoeffding_bentkus"`` (:func:`p_value`);
+            for ``net`` ``"paired"`` (default, :func:`paired_drop_p_value`) or ``"clopper_pearson_pair"``.
         select: ``"ltt"`` (certified points only) or ``"empirical"`` (the cheapest point whose drop on
             the whole calibration split is within ``max_drop``; its bound is reported instead).
         path_fraction: share of the records that build the path; the rest certify.
@@ -286,6 +288,10 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
     if loss == "net" and guarantee == "crc":
         raise ValueError("--loss net is certified by Learn-then-Test; conformal risk control needs a loss in [0, 1] "
                          "(use --loss harm with --guarantee crc)")
+    methods = NET_P_VALUES if loss == "net" else P_VALUES
+    p_value_method = p_value_method or methods[0]
+    if p_value_method not in methods:
+        raise ValueError(f"the {loss} loss takes p-value {' or '.join(methods)}, got {p_value_method!r}")
     if guarantee == "crc" and (max_cost is not None or select != "ltt"):
         raise ValueError("--guarantee crc certifies an accuracy budget (--max-drop) and picks the point itself; "
                          "drop --max-cost / --select empirical")
@@ -299,16 +305,19 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
     n_cert, m = len(certify), max(len(path) - (1 if records.last_exit_is_backbone else 0), 1)
     cost = [p["cost_fraction"] for p in calib_points]
     kind = guarantee
-    loss_text = ("1[routed wrong and backbone right] - 1[routed right and backbone wrong] (its mean is the accuracy "
-                 "drop; two Clopper-Pearson bounds at delta / 2)" if loss == "net" else
+    net_test = ("an exact test of the paired difference" if p_value_method == "paired" else
+                "two Clopper-Pearson bounds at delta / 2")
+    loss_text = (f"1[routed wrong and backbone right] - 1[routed right and backbone wrong] (its mean is the accuracy "
+                 f"drop; {net_test})" if loss == "net" else
                  "1[routed wrong and backbone right] (its mean bounds the accuracy drop)")
     guarantee = {"method": "Learn-then-Test", "kind": kind, "loss": loss_text, "loss_name": loss,
-                 "p_value": "clopper_pearson_pair" if loss == "net" else p_value_method, "delta": delta,
+                 "p_value": p_value_method, "delta": delta,
                  "certify_samples": n_cert, "path_samples": n_path, "tested_points": len(path) - 1}
 
     def upper_bound(point: dict, level: float) -> float:
         if loss == "net":
-            return max(0.0, net_drop_upper_bound(point["errors"], point["helps"], n_cert, level))
+            bound = paired_drop_upper_bound if p_value_method == "paired" else net_drop_upper_bound
+            return max(0.0, bound(point["errors"], point["helps"], n_cert, level))
         return binomial_upper_bound(point["errors"], n_cert, level)
 
     if max_drop is not None:
@@ -321,9 +330,14 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             certified = [j <= last for j in range(len(path))]
             guarantee_info = {"method": "conformal risk control"}
         else:
-            p_values = [None] * first + [net_drop_p_value(p["errors"], p["helps"], n_cert, eps) if loss == "net"
-                                         else p_value(p["errors"], n_cert, eps, p_value_method)
-                                         for p in certify_points[first:]]
+            def test(p: dict) -> float:
+                if loss == "harm":
+                    return p_value(p["errors"], n_cert, eps, p_value_method)
+                if p_value_method == "paired":
+                    return paired_drop_p_value(p["errors"], p["helps"], n_cert, eps, delta / 100)
+                return net_drop_p_value(p["errors"], p["helps"], n_cert, eps)
+
+            p_values = [None] * first + [test(p) for p in certify_points[first:]]
             certified = [True] * first + ltt_certify(p_values[first:], delta, family)
             guarantee_info = {"family": family}
         if select == "ltt":

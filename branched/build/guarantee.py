@@ -18,11 +18,13 @@ import math
 from typing import Optional, Sequence
 
 import numpy as np
+from scipy.stats import binom
 
 from ..binomial import binomial_cdf, binomial_lower_bound, binomial_upper_bound  # the core's, shared with the load controller
 
-__all__ = ["FAMILIES", "P_VALUES", "LOSSES", "binomial_cdf", "p_value", "ltt_certify", "binomial_upper_bound",
-           "binomial_lower_bound", "net_drop_upper_bound", "net_drop_p_value", "samples_needed", "crc_last_valid"]
+__all__ = ["FAMILIES", "P_VALUES", "NET_P_VALUES", "LOSSES", "binomial_cdf", "p_value", "ltt_certify",
+           "binomial_upper_bound", "binomial_lower_bound", "net_drop_upper_bound", "net_drop_p_value",
+           "paired_drop_p_value", "paired_drop_upper_bound", "samples_needed", "crc_last_valid"]
 
 FAMILIES = ("fixed_sequence", "bonferroni")
 P_VALUES = ("binomial", "hoeffding_bentkus")
@@ -31,6 +33,10 @@ P_VALUES = ("binomial", "hoeffding_bentkus")
 #: wrong). ``net``: the accuracy drop itself, harm minus the share the exits get right where the backbone is
 #: wrong, bounded by two Clopper-Pearson bounds at ``delta / 2`` each (the drop the user asked about).
 LOSSES = ("harm", "net")
+#: p-values of the ``net`` loss. ``paired`` (the default): an exact test of the paired difference harms - helps
+#: (:func:`paired_drop_p_value`); ``clopper_pearson_pair``: a Clopper-Pearson bound on each rate at ``delta / 2``
+#: (:func:`net_drop_p_value`), which adds the two bounds' widths where the paired test combines the two noises.
+NET_P_VALUES = ("paired", "clopper_pearson_pair")
 
 
 def _kl_bernoulli(a: float, b: float) -> float:
@@ -94,6 +100,52 @@ def net_drop_p_value(harms: int, helps: int, n: int, epsilon: float, tolerance: 
     return min(1.0, math.exp(hi))
 
 
+def _difference_tail(d: int, n: int, harm: float, help_: float) -> float:
+    """``P(H - G <= d)`` when ``(H, G, rest) ~ Multinomial(n; harm, help_, 1 - harm - help_)``: summed over ``G``,
+    with ``H | G = g ~ Bin(n - g, harm / (1 - help_))``."""
+    g = np.arange(n + 1)
+    weight = binom.pmf(g, n, help_)
+    keep = weight > 1e-18
+    g = g[keep]
+    return float(np.dot(weight[keep], binom.cdf(d + g, n - g, min(1.0, harm / (1.0 - help_)))))
+
+
+def paired_drop_p_value(harms: int, helps: int, n: int, epsilon: float, gamma: float = 1e-3, grid: int = 16) -> float:
+    """p-value of ``H: P(harm) - P(help) >= epsilon`` from the paired difference ``harms - helps``.
+
+    An exact unconditional test (Berger and Boos 1994): under ``H`` the tail ``P(harms - helps <= observed)`` is
+    largest on the boundary ``P(harm) - P(help) = epsilon``, where it still depends on the share of samples on
+    which the two models disagree, ``q = P(harm) + P(help)``. The p-value is the largest tail over ``q`` within a
+    ``1 - gamma`` Clopper-Pearson upper bound on ``q`` (from ``harms + helps``), plus ``gamma``, which pays for
+    restricting ``q``. So it is valid for every pair of rates. The largest tail is taken over ``grid`` values of
+    ``q`` from ``epsilon`` to that bound (the tail grows with ``q``: more disagreement is more noise).
+
+    Against :func:`net_drop_p_value` it needs about half the margin between the observed drop and ``epsilon``
+    (the two noises add in quadrature, not linearly), so the same data certify a cheaper point.
+    """
+    if n == 0:
+        return 1.0
+    d = harms - helps
+    if d >= n * epsilon:
+        return 1.0
+    top = min(1.0, max(binomial_upper_bound(harms + helps, n, gamma), epsilon))
+    worst = max(_difference_tail(d, n, (q + epsilon) / 2, (q - epsilon) / 2) for q in np.linspace(epsilon, top, grid))
+    return min(1.0, worst + gamma)
+
+
+def paired_drop_upper_bound(harms: int, helps: int, n: int, delta: float, gamma: Optional[float] = None) -> float:
+    """``1 - delta`` upper bound on the accuracy drop: the smallest ``epsilon`` that :func:`paired_drop_p_value`
+    rejects at ``delta`` (bisection, rounded up). ``gamma`` defaults to ``delta / 100``."""
+    if n == 0:
+        return 1.0
+    gamma = delta / 100 if gamma is None else gamma
+    lo, hi = (harms - helps) / n, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if paired_drop_p_value(harms, helps, n, mid, gamma) <= delta else (mid, hi)
+    return hi
+
+
 def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_sequence") -> list[bool]:
     """Which hypotheses Learn-then-Test rejects at family-wise error ``delta``.
 
@@ -115,20 +167,25 @@ def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_se
     raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
 
 
-def samples_needed(risk: float, epsilon: float, delta: float, method: str = "binomial",
+def samples_needed(risk: float, epsilon: float, delta: float, method: Optional[str] = None,
                    limit: int = 10_000_000, help_rate: Optional[float] = None) -> Optional[int]:
     """The fewest test samples at which an observed ``risk`` would be certified ``<= epsilon`` at ``delta``.
 
     With ``help_rate`` the loss is ``net`` (:data:`LOSSES`): ``risk`` is the harm rate and the drop
-    ``risk - help_rate`` is what is certified. Returns None when no number of samples would do (the risk, or
+    ``risk - help_rate`` is what is certified. ``method``: one of :data:`P_VALUES` (harm; default binomial) or
+    :data:`NET_P_VALUES` (net; default paired). Returns None when no number of samples would do (the risk, or
     the drop, is ``>= epsilon``) or more than ``limit`` are needed.
     """
     if (risk if help_rate is None else risk - help_rate) >= epsilon:
         return None
+    method = method or ("binomial" if help_rate is None else "paired")
 
     def passes(n: int) -> bool:
         if help_rate is not None:
-            return net_drop_p_value(int(math.ceil(risk * n)), int(math.floor(help_rate * n)), n, epsilon) <= delta
+            harms, helps = int(math.ceil(risk * n)), int(math.floor(help_rate * n))
+            if method == "clopper_pearson_pair":
+                return net_drop_p_value(harms, helps, n, epsilon) <= delta
+            return paired_drop_p_value(harms, helps, n, epsilon, delta / 100) <= delta
         return p_value(int(math.floor(risk * n)), n, epsilon, method) <= delta
 
     hi = 16

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import UsageError
+from .guarantee import NET_P_VALUES, P_VALUES
 
 __all__ = ["BuildSettings", "Recipe", "RECIPES", "LR_SCALE", "DEFAULT_BACKBONE", "DEFAULT_DATASET", "DEMO"]
 
@@ -96,7 +97,7 @@ class BuildSettings:
     max_cost: Optional[float] = None
     delta: float = 0.1
     family: str = "fixed_sequence"
-    p_value: str = "binomial"
+    p_value: Optional[str] = None  # None: binomial for --loss harm, paired for --loss net
     select: str = "ltt"
     guarantee: str = "ltt"
     loss: str = "harm"
@@ -138,6 +139,10 @@ class BuildSettings:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if s.max_drop is not None and s.max_cost is not None:
             raise UsageError("give at most one budget: --max-drop or --max-cost")
+        if s.p_value is not None:
+            methods = NET_P_VALUES if s.loss == "net" else P_VALUES
+            if s.p_value not in methods:
+                raise UsageError(f"--loss {s.loss} takes --p-value {' or '.join(methods)}, got {s.p_value}")
         if s.head_cost not in ("flops", "measured"):
             raise UsageError(f"--head-cost must be flops or measured, got {s.head_cost!r}")
         return s
