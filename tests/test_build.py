@@ -183,7 +183,8 @@ def test_a_build_certifies_the_net_drop_and_orders_exits_by_measured_head_time(t
                  "--keep-off-exits", *TINY]) == 0
     model = load_model(str(out))
     cal = model.config.meta["calibration"]
-    assert cal["guarantee"]["loss_name"] == "net" and "Clopper-Pearson" in cal["guarantee"]["loss"]
+    assert cal["guarantee"]["loss_name"] == "net" and cal["guarantee"]["p_value"] == "paired"
+    assert "paired difference" in cal["guarantee"]["loss"]
     heads = cal["head_costs"]
     assert heads["basis"] == "measured" and len(heads["measured"]) == len(heads["flops"]) == model.num_exits
     assert heads["flops"] == pytest.approx([f / model.cost.backbone_flops for f in model.cost.exit_flops])

@@ -35,9 +35,8 @@ from typing import Optional
 
 import numpy as np
 
-from .guarantee import (FAMILIES, LOSSES, NET_P_VALUES, P_VALUES, binomial_upper_bound, crc_last_valid, ltt_certify,
-                        net_drop_p_value, net_drop_upper_bound, p_value, paired_drop_p_value, paired_drop_upper_bound,
-                        samples_needed)
+from .guarantee import (FAMILIES, LOSSES, NET_P_VALUES, P_VALUES, crc_last_valid, loss_p_value, loss_upper_bound,
+                        ltt_certify, samples_needed)
 from .records import ExitRecords
 
 __all__ = ["split_calibration", "choose_policy", "Calibration", "threshold_path", "calibrate", "GUARANTEES"]
@@ -315,10 +314,7 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
                  "certify_samples": n_cert, "path_samples": n_path, "tested_points": len(path) - 1}
 
     def upper_bound(point: dict, level: float) -> float:
-        if loss == "net":
-            bound = paired_drop_upper_bound if p_value_method == "paired" else net_drop_upper_bound
-            return max(0.0, bound(point["errors"], point["helps"], n_cert, level))
-        return binomial_upper_bound(point["errors"], n_cert, level)
+        return loss_upper_bound(point["errors"], point["helps"], n_cert, level, loss, p_value_method)
 
     if max_drop is not None:
         eps = max_drop
@@ -330,14 +326,8 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
             certified = [j <= last for j in range(len(path))]
             guarantee_info = {"method": "conformal risk control"}
         else:
-            def test(p: dict) -> float:
-                if loss == "harm":
-                    return p_value(p["errors"], n_cert, eps, p_value_method)
-                if p_value_method == "paired":
-                    return paired_drop_p_value(p["errors"], p["helps"], n_cert, eps, delta / 100)
-                return net_drop_p_value(p["errors"], p["helps"], n_cert, eps)
-
-            p_values = [None] * first + [test(p) for p in certify_points[first:]]
+            p_values = [None] * first + [loss_p_value(p["errors"], p["helps"], n_cert, eps, loss, p_value_method, delta)
+                                         for p in certify_points[first:]]
             certified = [True] * first + ltt_certify(p_values[first:], delta, family)
             guarantee_info = {"family": family}
         if select == "ltt":

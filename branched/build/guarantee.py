@@ -24,7 +24,8 @@ from ..binomial import binomial_cdf, binomial_lower_bound, binomial_upper_bound 
 
 __all__ = ["FAMILIES", "P_VALUES", "NET_P_VALUES", "LOSSES", "binomial_cdf", "p_value", "ltt_certify",
            "binomial_upper_bound", "binomial_lower_bound", "net_drop_upper_bound", "net_drop_p_value",
-           "paired_drop_p_value", "paired_drop_upper_bound", "samples_needed", "crc_last_valid"]
+           "paired_drop_p_value", "paired_drop_upper_bound", "loss_p_value", "loss_upper_bound", "samples_needed",
+           "crc_last_valid"]
 
 FAMILIES = ("fixed_sequence", "bonferroni")
 P_VALUES = ("binomial", "hoeffding_bentkus")
@@ -144,6 +145,25 @@ def paired_drop_upper_bound(harms: int, helps: int, n: int, delta: float, gamma:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if paired_drop_p_value(harms, helps, n, mid, gamma) <= delta else (mid, hi)
     return hi
+
+
+def loss_p_value(harms: int, helps: int, n: int, epsilon: float, loss: str, method: str, delta: float) -> float:
+    """p-value of ``H: risk >= epsilon`` for a point with ``harms`` and ``helps`` in ``n`` samples, where the risk is
+    the ``loss`` (:data:`LOSSES`) tested by ``method`` (:data:`P_VALUES` or :data:`NET_P_VALUES`); ``delta`` is the
+    level the p-value will be compared with (the paired test spends ``delta / 100`` of it on its nuisance)."""
+    if loss == "harm":
+        return p_value(harms, n, epsilon, method)
+    if method == "paired":
+        return paired_drop_p_value(harms, helps, n, epsilon, delta / 100)
+    return net_drop_p_value(harms, helps, n, epsilon)
+
+
+def loss_upper_bound(harms: int, helps: int, n: int, delta: float, loss: str, method: str) -> float:
+    """``1 - delta`` upper bound on the risk :func:`loss_p_value` tests (the drop for ``net``, at least 0)."""
+    if loss == "harm":
+        return binomial_upper_bound(harms, n, delta)
+    bound = paired_drop_upper_bound if method == "paired" else net_drop_upper_bound
+    return max(0.0, bound(harms, helps, n, delta))
 
 
 def ltt_certify(p_values: Sequence[float], delta: float, family: str = "fixed_sequence") -> list[bool]:
