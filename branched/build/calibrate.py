@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from .guarantee import (FAMILIES, LOSSES, NET_P_VALUES, P_VALUES, crc_last_valid, loss_p_value, loss_upper_bound,
+from .guarantee import (FAMILIES, LOSSES, P_VALUES_BY_LOSS, crc_last_valid, loss_p_value, loss_upper_bound,
                         ltt_certify, samples_needed)
 from .records import ExitRecords
 
@@ -287,7 +287,7 @@ def calibrate(records: ExitRecords, max_drop: Optional[float] = None, max_cost: 
     if loss == "net" and guarantee == "crc":
         raise ValueError("--loss net is certified by Learn-then-Test; conformal risk control needs a loss in [0, 1] "
                          "(use --loss harm with --guarantee crc)")
-    methods = NET_P_VALUES if loss == "net" else P_VALUES
+    methods = P_VALUES_BY_LOSS[loss]
     p_value_method = p_value_method or methods[0]
     if p_value_method not in methods:
         raise ValueError(f"the {loss} loss takes p-value {' or '.join(methods)}, got {p_value_method!r}")

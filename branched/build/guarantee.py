@@ -22,7 +22,7 @@ from scipy.stats import binom
 
 from ..binomial import binomial_cdf, binomial_lower_bound, binomial_upper_bound  # the core's, shared with the load controller
 
-__all__ = ["FAMILIES", "P_VALUES", "NET_P_VALUES", "LOSSES", "binomial_cdf", "p_value", "ltt_certify",
+__all__ = ["FAMILIES", "P_VALUES", "NET_P_VALUES", "P_VALUES_BY_LOSS", "LOSSES", "binomial_cdf", "p_value", "ltt_certify",
            "binomial_upper_bound", "binomial_lower_bound", "net_drop_upper_bound", "net_drop_p_value",
            "paired_drop_p_value", "paired_drop_upper_bound", "loss_p_value", "loss_upper_bound", "samples_needed",
            "crc_last_valid"]
@@ -38,6 +38,8 @@ LOSSES = ("harm", "net")
 #: (:func:`paired_drop_p_value`); ``clopper_pearson_pair``: a Clopper-Pearson bound on each rate at ``delta / 2``
 #: (:func:`net_drop_p_value`), which adds the two bounds' widths where the paired test combines the two noises.
 NET_P_VALUES = ("paired", "clopper_pearson_pair")
+#: The p-values each loss takes; the first is its default.
+P_VALUES_BY_LOSS = {"harm": P_VALUES, "net": NET_P_VALUES}
 
 
 def _kl_bernoulli(a: float, b: float) -> float:
@@ -150,7 +152,7 @@ def paired_drop_upper_bound(harms: int, helps: int, n: int, delta: float, gamma:
 
 def loss_p_value(harms: int, helps: int, n: int, epsilon: float, loss: str, method: str, delta: float) -> float:
     """p-value of ``H: risk >= epsilon`` for a point with ``harms`` and ``helps`` in ``n`` samples, where the risk is
-    the ``loss`` (:data:`LOSSES`) tested by ``method`` (:data:`P_VALUES` or :data:`NET_P_VALUES`); ``delta`` is the
+    the ``loss`` (:data:`LOSSES`) tested by ``method`` (one of :data:`P_VALUES_BY_LOSS`); ``delta`` is the
     level the p-value will be compared with (the paired test spends ``delta / 100`` of it on its nuisance)."""
     if loss == "harm":
         return p_value(harms, n, epsilon, method)
@@ -193,21 +195,21 @@ def samples_needed(risk: float, epsilon: float, delta: float, method: Optional[s
     """The fewest test samples at which an observed ``risk`` would be certified ``<= epsilon`` at ``delta``.
 
     With ``help_rate`` the loss is ``net`` (:data:`LOSSES`): ``risk`` is the harm rate and the drop
-    ``risk - help_rate`` is what is certified. ``method``: one of :data:`P_VALUES` (harm; default binomial) or
-    :data:`NET_P_VALUES` (net; default paired). Returns None when no number of samples would do (the risk, or
-    the drop, is ``>= epsilon``) or more than ``limit`` are needed.
+    ``risk - help_rate`` is what is certified. ``method``: one of the loss's :data:`P_VALUES_BY_LOSS` (default:
+    its first). Returns None when no number of samples would do (the risk, or the drop, is ``>= epsilon``) or more
+    than ``limit`` are needed.
     """
     if (risk if help_rate is None else risk - help_rate) >= epsilon:
         return None
-    method = method or ("binomial" if help_rate is None else "paired")
+    loss = "harm" if help_rate is None else "net"
+    method = method or P_VALUES_BY_LOSS[loss][0]
 
     def passes(n: int) -> bool:
-        if help_rate is not None:
+        if help_rate is None:
+            harms, helps = int(math.floor(risk * n)), 0
+        else:
             harms, helps = int(math.ceil(risk * n)), int(math.floor(help_rate * n))
-            if method == "clopper_pearson_pair":
-                return net_drop_p_value(harms, helps, n, epsilon) <= delta
-            return paired_drop_p_value(harms, helps, n, epsilon, delta / 100) <= delta
-        return p_value(int(math.floor(risk * n)), n, epsilon, method) <= delta
+        return loss_p_value(harms, helps, n, epsilon, loss, method, delta) <= delta
 
     hi = 16
     while not passes(hi):

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..errors import UsageError
-from .guarantee import NET_P_VALUES, P_VALUES
+from .guarantee import P_VALUES_BY_LOSS
 
 __all__ = ["BuildSettings", "Recipe", "RECIPES", "LR_SCALE", "DEFAULT_BACKBONE", "DEFAULT_DATASET", "DEMO"]
 
@@ -139,8 +139,8 @@ class BuildSettings:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if s.max_drop is not None and s.max_cost is not None:
             raise UsageError("give at most one budget: --max-drop or --max-cost")
-        if s.p_value is not None:
-            methods = NET_P_VALUES if s.loss == "net" else P_VALUES
+        if s.p_value is not None and s.loss in P_VALUES_BY_LOSS:  # an unknown loss is calibration's error to name
+            methods = P_VALUES_BY_LOSS[s.loss]
             if s.p_value not in methods:
                 raise UsageError(f"--loss {s.loss} takes --p-value {' or '.join(methods)}, got {s.p_value}")
         if s.head_cost not in ("flops", "measured"):
